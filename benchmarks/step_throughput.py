@@ -1,0 +1,285 @@
+"""Training-step throughput on CPU: k2jax vs HF transformers Llama, same shapes, fp32.
+
+`python benchmarks/step_throughput.py [--steps=N --batch=B --seq_len=L --threads=T]`
+
+One full training step (forward, backward, clip, AdamW update) of a small K2-shaped decoder,
+timed in k2jax (the library's jitted train step, as k2jax/train.py builds it) and in HF
+`LlamaForCausalLM` + `torch.optim.AdamW`. Each framework runs in its own subprocess, one after
+the other, with the same thread count, so neither competes for cores or allocator. The
+parent prints a table of medians over repetitions and the ratio k2jax / HF.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# K2-V2's proportions (FFN 3.5x hidden, head dim 64 here, GQA) at ~29M parameters, the
+# smallest K2-like shape that keeps hidden 512 / 6 layers / vocab 8192.
+SHAPE = dict(vocab_size=8192, hidden_size=512, ffn_size=1792, num_layers=6, num_heads=8,
+             num_kv_heads=2, head_dim=64)
+ROPE_BASE = 5e5
+NORM_EPS = 1e-5
+# Optimizer hyperparameters shared by both sides (configs/base.py's, at a constant lr).
+LR, B1, B2, EPS, WEIGHT_DECAY, CLIP = 3e-4, 0.9, 0.95, 1e-8, 0.05, 1.0
+
+
+def make_tokens(args):
+  """Random inputs / next-token targets, identical in both workers."""
+  import numpy as np
+  rng = np.random.default_rng(args.seed)
+  ids = rng.integers(0, SHAPE['vocab_size'], (args.batch, args.seq_len + 1), dtype=np.int32)
+  return ids[:, :-1], ids[:, 1:]
+
+
+def eigen_pool_threads() -> int:
+  """Threads in XLA's intra-op pool ("tf_XLAEigen"), counted from /proc to prove the setting."""
+  count = 0
+  for tid in os.listdir('/proc/self/task'):
+    try:
+      with open(f'/proc/self/task/{tid}/comm') as f:
+        count += 'XLAEigen' in f.read()
+    except OSError:
+      pass
+  return count
+
+
+def time_steps(run_steps, args):
+  """Median seconds per step over `reps` repetitions of `steps` steps each."""
+  per_step = []
+  for _ in range(args.reps):
+    start = time.perf_counter()
+    run_steps(args.steps)
+    per_step.append((time.perf_counter() - start) / args.steps)
+  return statistics.median(per_step), per_step
+
+
+def run_k2jax(args) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+
+  from configs import base
+  from k2jax import optim, sharding, train_step
+  from k2jax.model import Transformer
+  from k2jax.model_config import ModelConfig
+
+  model_cfg = ModelConfig(**SHAPE, rope_base=ROPE_BASE, norm_eps=NORM_EPS, dtype='float32',
+                          param_dtype='float32', remat='none', attention='xla')
+  optim_cfg = base.get_config().optim
+  optim_cfg.update(dict(schedule='constant', warmup_steps=0, peak_lr=LR, b1=B1, b2=B2, eps=EPS,
+                        weight_decay=WEIGHT_DECAY, clip_norm=CLIP))
+  total_steps = 1000
+  mesh_cfg = ml_collections.ConfigDict(dict(data=-1, tensor=1, sequence=1))
+
+  # The same construction as k2jax/train.py, on a 1-device mesh.
+  mesh = sharding.make_mesh(mesh_cfg)
+  batch_sharding = sharding.batch_sharding(mesh, (args.batch, args.seq_len))
+  model = Transformer(model_cfg)
+  schedule = optim.make_schedule(optim_cfg, total_steps)
+  boxed = train_step.abstract_params(model, args.seq_len)
+  tx = optim.make_optimizer(optim_cfg, total_steps, train_step.weight_decay_mask(boxed))
+  _, state_sharding = train_step.state_shardings(mesh, tx, boxed, fsdp=False)
+
+  inputs, targets = make_tokens(args)
+  host_batch = {
+      'inputs': inputs,
+      'targets': targets,
+      'positions': jnp.broadcast_to(jnp.arange(args.seq_len, dtype=jnp.int32), inputs.shape),
+      'segment_ids': jnp.ones(inputs.shape, jnp.int32),
+      'loss_mask': jnp.ones(inputs.shape, jnp.float32),
+  }
+  with sharding.activate(mesh, False):
+    init = jax.jit(train_step.make_init_fn(model, tx, args.seq_len), out_shardings=state_sharding)
+    state = init(jax.random.key(args.seed))
+    batch = {k: jax.device_put(v, batch_sharding) for k, v in host_batch.items()}
+    step_fn = jax.jit(train_step.make_train_step(model, tx, schedule, accum_steps=1),
+                      in_shardings=(state_sharding, batch_sharding),
+                      out_shardings=(state_sharding, sharding.replicated(mesh)),
+                      donate_argnums=0)
+    start = time.perf_counter()
+    compiled = step_fn.lower(state, batch).compile()  # AOT: compile once, read its cost model
+    compile_s = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    params = sum(x.size for x in jax.tree.leaves(state.params))
+
+    holder = [state, None]
+
+    def run_steps(n):
+      state, metrics = holder[0], None
+      for _ in range(n):
+        state, metrics = compiled(state, batch)
+      jax.block_until_ready((state, metrics))  # only sync point of the timed loop
+      holder[0], holder[1] = state, metrics
+
+    run_steps(args.warmup)
+    loss_after_warmup = float(holder[1]['loss'])
+    median_s, all_s = time_steps(run_steps, args)
+  return dict(framework='k2jax', params=params, param_count_cfg=model_cfg.param_count(),
+              median_s=median_s, all_s=all_s, compile_s=compile_s,
+              xla_flops=float(cost.get('flops', 0.0)),
+              xla_bytes=float(cost.get('bytes accessed', 0.0)),
+              model_flops=model_cfg.flops_per_token(args.seq_len) * args.batch * args.seq_len,
+              loss=loss_after_warmup, devices=len(jax.devices()),
+              threads=f'PJRT_NPROC={os.environ.get("PJRT_NPROC")}, '
+                      f'{eigen_pool_threads()} tf_XLAEigen threads',
+              versions=f'jax {jax.__version__}')
+
+
+def run_hf(args) -> dict:
+  import torch
+  import transformers
+  from transformers import LlamaConfig, LlamaForCausalLM
+
+  torch.set_num_threads(args.threads)
+  torch.manual_seed(args.seed)
+  config = LlamaConfig(
+      vocab_size=SHAPE['vocab_size'], hidden_size=SHAPE['hidden_size'],
+      intermediate_size=SHAPE['ffn_size'], num_hidden_layers=SHAPE['num_layers'],
+      num_attention_heads=SHAPE['num_heads'], num_key_value_heads=SHAPE['num_kv_heads'],
+      head_dim=SHAPE['head_dim'], max_position_embeddings=args.seq_len,
+      rope_parameters={'rope_type': 'default', 'rope_theta': ROPE_BASE},
+      rms_norm_eps=NORM_EPS, attention_bias=False, mlp_bias=False, tie_word_embeddings=False,
+      attention_dropout=0.0, use_cache=False)
+  model = LlamaForCausalLM._from_config(config, attn_implementation='sdpa',
+                                        dtype=torch.float32)
+  model.train()
+  params = sum(p.numel() for p in model.parameters())
+  # Decay matrices only, as k2jax does (norm scales are 1-D).
+  decay = [p for p in model.parameters() if p.ndim >= 2]
+  no_decay = [p for p in model.parameters() if p.ndim < 2]
+  opt = torch.optim.AdamW([{'params': decay, 'weight_decay': WEIGHT_DECAY},
+                           {'params': no_decay, 'weight_decay': 0.0}],
+                          lr=LR, betas=(B1, B2), eps=EPS, foreach=bool(args.hf_foreach))
+
+  inputs, targets = make_tokens(args)
+  inputs = torch.from_numpy(inputs).long()
+  targets = torch.from_numpy(targets).long()
+  losses = []
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    logits = model(input_ids=inputs).logits  # fp32 [B, L, V]
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+    opt.step()
+    return loss
+
+  def run_steps(n):
+    for _ in range(n):
+      loss = step()
+    losses.append(loss.item())  # torch CPU is synchronous; .item() is free
+
+  run_steps(args.warmup)
+  median_s, all_s = time_steps(run_steps, args)
+  return dict(framework='hf', params=params, median_s=median_s, all_s=all_s, loss=losses[0],
+              attn=model.config._attn_implementation,
+              threads=f'torch.get_num_threads()={torch.get_num_threads()}',
+              versions=f'torch {torch.__version__}, transformers {transformers.__version__}',
+              optimizer=f'AdamW(foreach={bool(args.hf_foreach)})')
+
+
+def worker_env(args, framework: str) -> dict:
+  env = dict(os.environ)
+  # One real CPU device: drop any simulated-device flag (e.g. the tests' forced count).
+  flags = [f for f in env.get('XLA_FLAGS', '').split()
+           if not f.startswith('--xla_force_host_platform_device_count')]
+  env['XLA_FLAGS'] = ' '.join(flags)
+  env['JAX_PLATFORMS'] = 'cpu'
+  # XLA:CPU sizes its intra-op pool (Eigen matmuls, XNNPACK, parallel loops) from PJRT_NPROC,
+  # else from the CPU affinity mask; torch uses OpenMP / set_num_threads.
+  env['PJRT_NPROC'] = str(args.threads)
+  env['OMP_NUM_THREADS'] = env['MKL_NUM_THREADS'] = str(args.threads)
+  env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
+  return env
+
+
+def run_worker(args, framework: str) -> dict:
+  argv = [sys.executable, os.path.abspath(__file__), f'--worker={framework}',
+          *(f'--{k}={v}' for k, v in vars(args).items() if v is not None)]
+  proc = subprocess.run(argv, env=worker_env(args, framework), cwd=REPO, capture_output=True,
+                        text=True)
+  if proc.returncode:
+    sys.stderr.write(proc.stderr)
+    raise SystemExit(f'{framework} worker failed with exit code {proc.returncode}')
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def report(args, jx: dict, hf: dict):
+  tokens = args.batch * args.seq_len
+  s = SHAPE
+  print(f'model: K2-shaped decoder, vocab {s["vocab_size"]}, hidden {s["hidden_size"]}, '
+        f'ffn {s["ffn_size"]}, {s["num_layers"]} layers, {s["num_heads"]} heads / '
+        f'{s["num_kv_heads"]} kv heads x {s["head_dim"]}, untied embeddings, no biases, '
+        f'rope_theta {ROPE_BASE:g}, rms eps {NORM_EPS:g}')
+  print(f'batch: {args.batch} x {args.seq_len} = {tokens} tokens/step, random ids (seed '
+        f'{args.seed}); fp32 params and compute on both sides; k2jax remat none, attention xla; '
+        f'HF attn_implementation={hf["attn"]}')
+  print(f'optimizer: clip {CLIP} -> AdamW lr {LR:g}, betas ({B1}, {B2}), eps {EPS:g}, '
+        f'wd {WEIGHT_DECAY} (matrices only); HF: clip_grad_norm_ + torch.optim.{hf["optimizer"]}')
+  print(f'threads: {args.threads} per framework; k2jax {jx["threads"]}, {jx["devices"]} device; '
+        f'HF {hf["threads"]}')
+  print(f'timing: {args.warmup} warmup step(s) excluded, median of {args.reps} reps x '
+        f'{args.steps} steps; {jx["versions"]}; {hf["versions"]}')
+  print(f'load average at start: {args.loadavg}')
+  print()
+  print(f'{"framework":<28}{"params":>12}{"tokens/s":>12}{"ms/step":>10}  reps ms/step')
+  for name, r in (('k2jax (jit, XLA:CPU)', jx), ('HF Llama + torch AdamW', hf)):
+    reps = ' '.join(f'{t * 1e3:.0f}' for t in r['all_s'])
+    print(f'{name:<28}{r["params"]:>12,}{tokens / r["median_s"]:>12,.0f}'
+          f'{r["median_s"] * 1e3:>10.1f}  {reps}')
+  ratio = hf['median_s'] / jx['median_s']
+  print(f'\nratio k2jax / HF tokens/s: {ratio:.2f}x')
+  if jx['params'] != hf['params']:
+    print(f'WARNING: parameter counts differ ({jx["params"]:,} vs {hf["params"]:,})')
+  print(f'loss after warmup: k2jax {jx["loss"]:.4f}, HF {hf["loss"]:.4f} '
+        f'(ln V = {__import__("math").log(s["vocab_size"]):.4f})')
+  gflop = jx['xla_flops'] / 1e9
+  print(f'k2jax step: XLA cost analysis {gflop:.1f} GFLOP/step '
+        f'(ModelConfig.flops_per_token: {jx["model_flops"] / 1e9:.1f}), '
+        f'{jx["xla_bytes"] / 1e9:.1f} GB accessed; achieved {gflop / jx["median_s"]:.1f} GFLOP/s; '
+        f'HF at the same model FLOPs {jx["model_flops"] / 1e9 / hf["median_s"]:.1f} GFLOP/s; '
+        f'compile {jx["compile_s"]:.1f} s')
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--steps', type=int, default=3, help='timed steps per repetition')
+  parser.add_argument('--reps', type=int, default=3, help='timed repetitions (median reported)')
+  parser.add_argument('--warmup', type=int, default=2, help='untimed steps (k2jax: after compile)')
+  parser.add_argument('--batch', type=int, default=8)
+  parser.add_argument('--seq_len', type=int, default=256)
+  parser.add_argument('--threads', type=int, default=len(os.sched_getaffinity(0)))
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--hf_foreach', type=int, default=1,
+                      help='torch AdamW foreach (1, its fastest CPU mode here) or for-loop (0)')
+  parser.add_argument('--only', choices=('k2jax', 'hf'), default=None, help='run one side')
+  parser.add_argument('--worker', choices=('k2jax', 'hf'), default=None, help=argparse.SUPPRESS)
+  parser.add_argument('--loadavg', default=None, help=argparse.SUPPRESS)
+  args = parser.parse_args()
+
+  if args.worker:
+    result = run_k2jax(args) if args.worker == 'k2jax' else run_hf(args)
+    print(json.dumps(result))
+    return
+
+  args.loadavg = ' '.join(f'{x:.2f}' for x in os.getloadavg())
+  results = {}
+  for framework in ('k2jax', 'hf'):
+    if args.only in (None, framework):
+      results[framework] = run_worker(args, framework)
+  if len(results) == 2:
+    report(args, results['k2jax'], results['hf'])
+  else:
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,107 @@
+"""Defaults shared by every stage; stage files change only what differs.
+
+Not launched directly: see configs/pretrain.py, configs/midtrain.py and configs/sft.py.
+"""
+
+import os
+
+import ml_collections
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_DIR = os.path.join(REPO, 'data_pipeline', 'demo')
+
+# A stage's learning rates are multiplied by this in its `debug` variant: a 4M-parameter
+# model from scratch learns nothing in 100 steps at a 70B model's rates.
+DEBUG_LR_SCALE = 20.0
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # parameter init and data order
+  c.total_steps = 1000  # optimizer updates in this stage
+  c.log_every = 10  # steps between console / metrics.jsonl records
+  c.eval_every = 500  # steps between held-out evals (0: never)
+  c.eval_batches = 8  # batches per held-out eval
+  c.init_from = ''  # checkpoint of a previous stage to start from ('' = fresh init)
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # data-parallel degree (-1: all devices left over)
+  c.mesh.tensor = 1  # tensor-parallel degree (heads, MLP hidden, vocab)
+  c.mesh.sequence = 1  # sequence / context-parallel degree
+  c.mesh.fsdp = False  # also shard parameters and optimizer state over `data`
+
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = 'k2v2_70b'  # debug | 1b | 7b | k2v2_70b (k2jax/model_config.py)
+  c.model.rope_base = 5e5  # RoPE base frequency; changes per stage
+  c.model.attention = 'xla'  # attention backend (k2jax/attention.py)
+  c.model.remat = 'full'  # none | full | save_dots
+  c.model.dtype = 'bfloat16'  # compute dtype
+  c.model.param_dtype = 'float32'  # master weights
+  # Shape overrides of the preset (None: keep the preset's value).
+  c.model.vocab_size = ml_collections.config_dict.placeholder(int)  # e.g. the tokenizer's size
+  c.model.num_layers = ml_collections.config_dict.placeholder(int)  # depth
+
+  c.data = ml_collections.ConfigDict()
+  c.data.seq_len = 8192  # tokens per training sequence
+  c.data.global_batch_size = 1200  # sequences per optimizer step, over all hosts
+  c.data.train_files = ''  # glob of JSONL training files (field `text`)
+  c.data.eval_files = ''  # glob of held-out JSONL files
+  c.data.tokenizer = ''  # SentencePiece .model
+  c.data.text_field = 'text'  # JSONL field with the document text
+  c.data.packing = 'concat'  # concat: documents joined with EOD, attention across them
+  c.data.worker_count = 0  # Grain worker processes (0: in-process)
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.peak_lr = 1.5e-4  # learning rate after warmup
+  c.optim.min_lr = 1.5e-6  # floor of the decay (paper: updates stall below ~1.5e-6)
+  c.optim.warmup_steps = 50  # linear warmup from 0
+  c.optim.schedule = 'cosine'  # cosine | constant | wsd
+  c.optim.decay_steps = 0  # cosine length after warmup (0: to the end of the stage)
+  c.optim.wsd_decay_fraction = 0.1  # wsd: final fraction of steps spent decaying
+  c.optim.wsd_decay_shape = 'linear'  # wsd: linear | cosine | sqrt
+  c.optim.b1 = 0.9  # AdamW beta1
+  c.optim.b2 = 0.95  # AdamW beta2
+  c.optim.eps = 1e-8  # AdamW epsilon
+  c.optim.weight_decay = 0.05  # decoupled; none on norm scales
+  c.optim.clip_norm = 1.0  # global L2 gradient clipping (0: off)
+  c.optim.grad_accum_steps = 1  # micro-batches per optimizer step
+  return c
+
+
+def parse_args(arg: str | None, known: tuple[str, ...]) -> set[str]:
+  """'stage3,debug' -> {'stage3', 'debug'}; an unknown word is an error listing the known ones."""
+  words = {w.strip() for w in (arg or '').split(',') if w.strip()}
+  unknown = words - set(known)
+  if unknown:
+    raise ValueError(f'unknown config argument(s) {", ".join(sorted(unknown))}; '
+                     f'known: {", ".join(known)}')
+  return words
+
+
+def make_debug(c: ml_collections.ConfigDict, seq_len: int = 128, global_batch_size: int = 16):
+  """Shrinks a stage to CPU size in place: debug model, demo corpus, short run.
+
+  What gives the stage its character (schedule shape, RoPE base, packing, mesh sequence
+  degree, clipping) is left as the stage set it.
+  """
+  if c.optim.warmup_steps:  # keep the warmup's share of the stage, but at least 5 steps
+    c.optim.warmup_steps = max(5, round(100 * c.optim.warmup_steps / c.total_steps))
+  c.total_steps = 100
+  c.log_every = 10
+  c.eval_every = 50
+  c.eval_batches = 2
+  c.mesh.data = -1
+  c.mesh.tensor = 1
+  c.mesh.fsdp = False
+  c.model.preset = 'debug'
+  c.model.remat = 'none'
+  c.model.dtype = 'float32'  # bf16 matmuls are emulated, hence slow, on CPU
+  c.data.seq_len = seq_len
+  c.data.global_batch_size = global_batch_size
+  c.data.train_files = os.path.join(DEMO_DIR, 'train.jsonl')
+  c.data.eval_files = os.path.join(DEMO_DIR, 'eval.jsonl')
+  c.data.tokenizer = os.path.join(DEMO_DIR, 'tokenizer.model')
+  c.optim.peak_lr *= DEBUG_LR_SCALE
+  c.optim.min_lr *= DEBUG_LR_SCALE
+  c.optim.grad_accum_steps = 1
+  return c

@@ -1,0 +1,328 @@
+"""`python -m k2jax.estimate --config=configs/<stage>.py[:args] [--devices=N] [--mesh=data:8,tensor:8]`
+
+Plans a run without running it: parameter count, FLOPs per token, tokens per step, then the
+exact train step that k2jax.train jits (forward, backward, AdamW update; same shardings and
+donation) is lowered and compiled ahead of time from abstract arguments, so the 70B state is
+never allocated, and XLA's per-device memory figures are reported beside an analytic count
+of parameter + optimizer bytes per device.
+
+To plan a mesh larger than the machine, `--devices=N` simulates N CPU devices (it sets
+XLA_FLAGS and JAX_PLATFORMS=cpu before JAX is imported, which is why JAX is imported late).
+Memory figures compiled for CPU follow CPU fusion choices: treat them as an estimate of the
+GPU's, not a measurement.
+
+Examples:
+  python -m k2jax.estimate --config=configs/pretrain.py --devices=64 \
+      --mesh=data:8,tensor:8,sequence:1 --config.data.global_batch_size=64
+  python -m k2jax.estimate --config=configs/pretrain.py:debug --devices=8 --output=json
+"""
+
+import json
+import math
+import os
+import sys
+import time
+
+from absl import flags
+from ml_collections import config_flags
+
+from k2jax import run_config
+
+MESH_AXES = ('data', 'tensor', 'sequence')  # the same names as sharding.AXES (no JAX import)
+DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
+
+
+class PlanError(ValueError):
+  """A config or mesh that cannot work, found before compiling (reported in one line)."""
+
+
+def _define_flags(argv) -> flags.FlagValues:
+  """A private FlagValues, so this tool can live in one process with k2jax.train's flags
+  (both define --config) and be called more than once (tests)."""
+  values = flags.FlagValues()
+  # sys_argv: the config override flags are declared from this argv, not from sys.argv.
+  config_flags.DEFINE_config_file('config', None, 'Stage config file[:args].',
+                                  flag_values=values, sys_argv=list(argv))
+  flags.DEFINE_string('mesh', None, 'Mesh axis sizes, e.g. data:8,tensor:8,sequence:1; axes not '
+                      'named keep the config\'s mesh.* value.', flag_values=values)
+  flags.DEFINE_integer('devices', None, 'Simulate this many CPU devices (sets XLA_FLAGS and '
+                       'JAX_PLATFORMS=cpu before JAX starts).', lower_bound=1, flag_values=values)
+  flags.DEFINE_enum('output', 'text', ['text', 'json'], 'text: a readable report; json: one '
+                    'JSON object on stdout.', flag_values=values)
+  return values
+
+
+def _parse_flags(values: flags.FlagValues, argv):
+  """absl parsing with one-line errors; the same approach as k2jax.train._parse_flags."""
+  try:
+    return values(argv)
+  except (AttributeError, KeyError) as error:  # what config_flags raises for a misspelt key
+    spec = run_config.config_spec_from_argv(argv)
+    message = None
+    if spec:
+      try:
+        message = run_config.unknown_override_message(run_config.load(spec), argv)
+      except Exception as load_error:  # the config itself is broken: say that
+        message = f'cannot load --config={spec}: {load_error}'
+    run_config.fail(message or str(error))
+  except flags.Error as error:
+    run_config.fail(str(error))
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+  """'data:8,tensor:8' -> {'data': 8, 'tensor': 8}; -1 fills, as in the config."""
+  sizes = {}
+  for part in spec.split(','):
+    axis, sep, size = part.strip().partition(':')
+    if not sep or axis not in MESH_AXES:
+      raise ValueError(f'--mesh: {part.strip()!r} is not AXIS:SIZE with AXIS one of '
+                       f'{"|".join(MESH_AXES)}')
+    if axis in sizes:
+      raise ValueError(f'--mesh: axis {axis!r} is given twice')
+    try:
+      sizes[axis] = int(size)
+    except ValueError:
+      raise ValueError(f'--mesh: size of {axis!r} must be an integer, got {size!r}') from None
+  return sizes
+
+
+def simulate_devices(count: int):
+  """Makes JAX start with `count` CPU devices; only possible before JAX is imported."""
+  if 'jax' in sys.modules:  # too late to change the backend: accept only a matching count
+    import jax
+    if jax.device_count() != count:
+      raise ValueError(f'--devices={count}: JAX was already started with '
+                       f'{jax.device_count()} devices in this process')
+    return
+  kept = [f for f in os.environ.get('XLA_FLAGS', '').split() if not f.startswith(DEVICE_COUNT_FLAG)]
+  os.environ['XLA_FLAGS'] = ' '.join(kept + [f'{DEVICE_COUNT_FLAG}={count}'])
+  os.environ['JAX_PLATFORMS'] = 'cpu'
+
+
+def _shard_bytes(abstract, shardings) -> int:
+  """Bytes one device holds of a tree of arrays, from each array's sharding. Every device
+  holds an equal shard here (all dims divide their axes), so device 0 stands for all."""
+  import jax
+  leaves = jax.tree.leaves(abstract)
+  shards = jax.tree.leaves(shardings)
+  assert len(leaves) == len(shards), (len(leaves), len(shards))
+  return sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize for a, s in zip(leaves, shards))
+
+
+def _cost_flops(compiled):
+  """XLA's FLOP count for one device, or None where the backend does not give one."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # NotImplementedError or a backend error: the figure is optional
+    return None
+  if isinstance(cost, (list, tuple)):  # older JAX returned one dict per program
+    cost = cost[0] if cost else None
+  if not cost or 'flops' not in cost:
+    return None
+  return float(cost['flops'])
+
+
+def plan(cfg) -> dict:
+  """Everything the report prints, as a JSON-ready dict. Raises PlanError, before compiling,
+  for a config or mesh that cannot work."""
+  import jax
+  import numpy as np
+
+  from k2jax import model_config, optim, sharding, train_step
+  from k2jax.model import Transformer
+
+  global_batch, seq_len = cfg.data.global_batch_size, cfg.data.seq_len
+  accum = cfg.optim.grad_accum_steps
+  fsdp = cfg.mesh.fsdp
+  # Mesh, shardings and optimizer exactly as train.py builds them. Their checks raise
+  # ValueError; only those become one-line errors (a failure while compiling is a bug: traceback).
+  try:
+    run_config.validate(cfg)
+    model_cfg = model_config.from_config(cfg.model)
+    mesh = sharding.make_mesh(cfg.mesh)
+    batch_sharding = sharding.batch_sharding(mesh, (global_batch // accum, seq_len), fsdp)
+    sharding.check_activations(mesh, model_cfg, fsdp)
+    model = Transformer(model_cfg)
+    schedule = optim.make_schedule(cfg.optim, cfg.total_steps)
+    boxed = train_step.abstract_params(model, seq_len)
+    tx = optim.make_optimizer(cfg.optim, cfg.total_steps, train_step.weight_decay_mask(boxed))
+    abstract_state, state_sharding = train_step.state_shardings(mesh, tx, boxed, fsdp)
+  except ValueError as error:
+    raise PlanError(str(error)) from error
+  tokens_per_step = global_batch * seq_len
+  flops_per_token = model_cfg.flops_per_token(seq_len)
+
+  # Abstract arguments: shapes, dtypes and shardings, no buffers. The batch is the full
+  # global batch, as the data pipeline hands it to the step (micro-batches are split inside).
+  state_args = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract_state, state_sharding)
+  batch_args = {key: jax.ShapeDtypeStruct((global_batch, seq_len),
+                                          np.float32 if key == 'loss_mask' else np.int32,
+                                          sharding=batch_sharding)
+                for key in train_step.BATCH_KEYS}
+
+  with sharding.activate(mesh, fsdp):
+    step_fn = jax.jit(train_step.make_train_step(model, tx, schedule, accum),
+                      in_shardings=(state_sharding, batch_sharding),
+                      out_shardings=(state_sharding, sharding.replicated(mesh)),
+                      donate_argnums=0)
+    start = time.perf_counter()
+    lowered = step_fn.trace(state_args, batch_args).lower()
+    lower_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    compile_seconds = time.perf_counter() - start
+
+  stats = compiled.memory_analysis()
+  memory = None
+  if stats is not None:
+    memory = {
+        'argument': int(stats.argument_size_in_bytes),  # params + opt state + batch
+        'output': int(stats.output_size_in_bytes),
+        'alias': int(stats.alias_size_in_bytes),  # outputs written into donated arguments
+        'temp': int(stats.temp_size_in_bytes),  # activations, gradients, workspace
+        'generated_code': int(stats.generated_code_size_in_bytes),
+    }
+    # Donated outputs reuse their argument's buffer, so they are counted once.
+    memory['total'] = (memory['argument'] + memory['output'] - memory['alias'] + memory['temp']
+                       + memory['generated_code'])
+    # XLA's own peak, where the backend computes one (0 otherwise, e.g. on CPU).
+    memory['peak'] = int(getattr(stats, 'peak_memory_in_bytes', 0) or 0)
+
+  devices = mesh.devices.flatten()
+  params_bytes = _shard_bytes(abstract_state.params, state_sharding.params)
+  opt_bytes = _shard_bytes(abstract_state.opt_state, state_sharding.opt_state)
+  step_bytes = _shard_bytes(abstract_state.step, state_sharding.step)
+  batch_bytes = _shard_bytes(batch_args, {key: batch_sharding for key in batch_args})
+  return {
+      'preset': cfg.model.preset,
+      'param_count': model_cfg.param_count(),
+      'param_count_non_embedding': model_cfg.param_count(include_embeddings=False),
+      'seq_len': seq_len,
+      'global_batch_size': global_batch,
+      'grad_accum_steps': accum,
+      'tokens_per_step': tokens_per_step,
+      'flops_per_token': flops_per_token,
+      'flops_per_step': flops_per_token * tokens_per_step,
+      'mesh': dict(mesh.shape),
+      'fsdp': bool(fsdp),
+      'num_devices': len(devices),
+      'platform': devices[0].platform,
+      'device_kind': devices[0].device_kind,
+      # Analytic bytes per device, from each array's shape, dtype and sharding.
+      'state_bytes_per_device': {
+          'params': params_bytes,
+          'opt_state': opt_bytes,
+          'step': step_bytes,
+          'total': params_bytes + opt_bytes + step_bytes,
+      },
+      'batch_bytes_per_device': batch_bytes,
+      'compiled': True,
+      'lower_seconds': lower_seconds,
+      'compile_seconds': compile_seconds,
+      'memory_per_device': memory,  # XLA's figures for the compiled step, per device
+      'cost_analysis_flops_per_device': _cost_flops(compiled),
+  }
+
+
+def _size(n: float) -> str:
+  """Bytes in binary units, right-aligned so a column of them lines up."""
+  for unit, scale in (('GiB', 2 ** 30), ('MiB', 2 ** 20), ('KiB', 2 ** 10)):
+    if n >= scale:
+      return f'{n / scale:9.2f} {unit}'
+  return f'{n:9.0f} B  '
+
+
+def _flops(n: float) -> str:
+  for unit, scale in (('PFLOP', 1e15), ('TFLOP', 1e12), ('GFLOP', 1e9), ('MFLOP', 1e6)):
+    if n >= scale:
+      return f'{n / scale:,.1f} {unit}'
+  return f'{n:,.0f} FLOP'
+
+
+def format_report(spec: str, result: dict) -> str:
+  mesh = ' × '.join(f'{axis} {size}' for axis, size in result['mesh'].items())
+  state = result['state_bytes_per_device']
+  model_flops_per_device = result['flops_per_step'] / result['num_devices']
+  lines = [
+      f'k2jax estimate for {spec}',
+      f'model {result["preset"]}: {result["param_count"]:,} parameters '
+      f'({result["param_count_non_embedding"]:,} without embeddings)',
+      f'training FLOPs per token at seq_len {result["seq_len"]}: '
+      f'{_flops(result["flops_per_token"])} (6N + causal attention)',
+      f'tokens per step: {result["tokens_per_step"]:,} ({result["global_batch_size"]} x '
+      f'{result["seq_len"]}, {result["grad_accum_steps"]} micro-batch(es)); '
+      f'{_flops(result["flops_per_step"])} per step, {_flops(model_flops_per_device)} per device',
+      f'mesh {mesh}{" (fsdp)" if result["fsdp"] else ""} on {result["num_devices"]} '
+      f'{result["platform"]} devices',
+      '',
+      'per device, analytic (shapes x dtypes / shardings):',
+      f'  parameters          {_size(state["params"])}',
+      f'  optimizer state     {_size(state["opt_state"])}',
+      f'  params + optimizer  {_size(state["total"])}',
+      f'  batch               {_size(result["batch_bytes_per_device"])}',
+  ]
+  memory = result['memory_per_device']
+  if memory is None:
+    lines.append('per device, compiled: memory_analysis() is not available on this backend')
+  else:
+    lines += [
+        'per device, compiled (XLA memory_analysis):',
+        f'  arguments           {_size(memory["argument"])}  (params + optimizer + batch)',
+        f'  outputs             {_size(memory["output"])}',
+        f'  aliased (donated)   {_size(memory["alias"])}  (outputs reusing argument buffers)',
+        f'  temporaries         {_size(memory["temp"])}  (activations, gradients, workspace)',
+        f'  generated code      {_size(memory["generated_code"])}',
+        f'  total               {_size(memory["total"])}  (arguments + outputs - aliased + '
+        'temporaries + code)',
+    ]
+    if memory['peak']:
+      lines.append(f'  XLA peak            {_size(memory["peak"])}')
+  flops = result['cost_analysis_flops_per_device']
+  lines += [
+      f'lower {result["lower_seconds"]:.1f} s, compile {result["compile_seconds"]:.1f} s',
+      'XLA cost_analysis per device: '
+      + ('not available' if flops is None else
+         f'{_flops(flops)} (it counts a loop body once, so the layer scan is under-counted; '
+         'the model figure above is the one to use)'),
+  ]
+  if result['platform'] == 'cpu':
+    lines.append('note: compiled for CPU; the memory figures follow CPU fusion and layout '
+                 'choices and approximate, not measure, what a GPU would use.')
+  return '\n'.join(lines)
+
+
+def main(argv=None) -> dict:
+  """Parses `argv`, prints the report; exits 2 with a one-line error for a bad config/mesh."""
+  argv = list(sys.argv if argv is None else argv)
+  if '--help' in argv or '-h' in argv:
+    print(__doc__)
+    print(_define_flags(argv[:1]).get_help())
+    sys.exit(0)
+  values = _define_flags(argv)
+  rest = _parse_flags(values, argv)
+  if len(rest) > 1:
+    run_config.fail(f'unexpected arguments: {" ".join(rest[1:])}')
+  cfg = values.config
+  if cfg is None:
+    run_config.fail('--config=configs/<stage>.py[:args] is required')
+  spec = run_config.config_spec_from_argv(argv)
+  try:
+    if values.mesh:
+      for axis, size in parse_mesh(values.mesh).items():
+        cfg.mesh[axis] = size
+    if values.devices is not None:
+      simulate_devices(values.devices)
+    result = plan(cfg)
+  except ValueError as error:  # --mesh, --devices, PlanError: say which, no traceback
+    run_config.fail(str(error))
+  if values.output == 'json':
+    print(json.dumps({'config': spec, **result}))
+  else:
+    print(format_report(spec, result))
+  return result
+
+
+if __name__ == '__main__':
+  main()

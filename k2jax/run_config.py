@@ -1,0 +1,120 @@
+"""Loading, overriding and validating run configs (ml_collections ConfigDicts).
+
+`--config=configs/midtrain.py:stage3,debug` loads a config file and calls its
+`get_config("stage3,debug")`; `--config.optim.peak_lr=3e-4` overrides one field. Validation runs
+before anything is compiled or allocated, and every message names the key at fault.
+"""
+
+import difflib
+import importlib.util
+import os
+import sys
+
+import ml_collections
+
+# Keys other tools and docs rely on (the command-line contract in DESIGN.md).
+CONTRACT_KEYS = (
+    'total_steps', 'seed', 'log_every', 'eval_every', 'init_from',
+    'mesh.data', 'mesh.tensor', 'mesh.sequence',
+    'model.preset', 'model.attention', 'model.remat',
+    'data.seq_len', 'optim.peak_lr', 'optim.min_lr', 'optim.warmup_steps',
+)
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """'path/to/file.py[:arg]' -> the ConfigDict returned by that file's get_config(arg)."""
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'config file {path!r} does not exist')
+  module_spec = importlib.util.spec_from_file_location(f'_k2jax_config_{abs(hash(path))}', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise ValueError(f'config file {path!r} defines no get_config()')
+  return module.get_config(arg or None)
+
+
+def all_keys(cfg, prefix: str = '') -> list[str]:
+  """Every leaf key of a ConfigDict, dotted ('optim.peak_lr')."""
+  keys = []
+  for key, value in cfg.items():
+    dotted = f'{prefix}{key}'
+    if isinstance(value, ml_collections.ConfigDict):
+      keys.extend(all_keys(value, dotted + '.'))
+    else:
+      keys.append(dotted)
+  return keys
+
+
+def has_key(cfg, dotted: str) -> bool:
+  node = cfg
+  for part in dotted.split('.'):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      return False
+    node = node[part]
+  return True
+
+
+def unknown_override_message(cfg, argv) -> str | None:
+  """A readable message for the first `--config.KEY=...` whose KEY the config lacks."""
+  for arg in argv:
+    if not arg.startswith('--config.'):
+      continue
+    key = arg[len('--config.'):].split('=', 1)[0]
+    if has_key(cfg, key):
+      continue
+    keys = all_keys(cfg)
+    close = difflib.get_close_matches(key, keys, n=5, cutoff=0.6)
+    # Also match on the last part alone: `--config.peak_lr` means `optim.peak_lr`.
+    close += [k for k in keys if k.split('.')[-1] == key.split('.')[-1] and k not in close]
+    hint = f'; did you mean: {", ".join(close)}?' if close else ''
+    return f'unknown config key {key!r} in {arg!r}{hint}'
+  return None
+
+
+def config_spec_from_argv(argv) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return arg.split('=', 1)[1]
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def validate(cfg) -> None:
+  """Cross-field checks that need no devices. Raises ValueError naming the key."""
+  # Imported here so that loading a config stays light.
+  from k2jax import model_config, optim
+
+  missing = [key for key in CONTRACT_KEYS if not has_key(cfg, key)]
+  if missing:
+    raise ValueError(f'config lacks required key(s): {", ".join(missing)}')
+  for key in ('total_steps', 'log_every', 'data.seq_len', 'data.global_batch_size',
+              'optim.grad_accum_steps'):
+    value = _get(cfg, key)
+    if not isinstance(value, int) or value <= 0:
+      raise ValueError(f'{key} must be a positive integer, got {value!r}')
+  if not isinstance(cfg.eval_every, int) or cfg.eval_every < 0:
+    raise ValueError(f'eval_every must be >= 0 (0 disables eval), got {cfg.eval_every!r}')
+  if cfg.data.global_batch_size % cfg.optim.grad_accum_steps:
+    raise ValueError(f'data.global_batch_size={cfg.data.global_batch_size} is not divisible by '
+                     f'optim.grad_accum_steps={cfg.optim.grad_accum_steps}')
+  for axis in ('data', 'tensor', 'sequence'):
+    value = cfg.mesh[axis]
+    if not isinstance(value, int) or (value <= 0 and value != -1):
+      raise ValueError(f'mesh.{axis} must be a positive integer or -1 (fill), got {value!r}')
+  model_config.from_config(cfg.model)
+  optim.make_schedule(cfg.optim, cfg.total_steps)
+
+
+def _get(cfg, dotted: str):
+  node = cfg
+  for part in dotted.split('.'):
+    node = node[part]
+  return node
+
+
+def fail(message: str):
+  """Prints a one-line error (no traceback) and exits with status 2, like a bad flag."""
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)

@@ -1,0 +1,157 @@
+"""The only module that knows the device mesh.
+
+Mesh axes: `data` (batch; with FSDP also parameters and optimizer state), `tensor` (heads,
+MLP hidden, vocab) and `sequence` (activation length). Model code names logical axes; the
+rules below map each name to a mesh axis (or None: replicated). A parameter axis with no rule
+is an error rather than a silent replication, and every sharded dimension must be divisible
+by its mesh axis: both are checked before anything is compiled.
+"""
+
+import contextlib
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+AXES = ('data', 'tensor', 'sequence')
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
+  """Resolves `mesh.data/tensor/sequence` (one of them may be -1: fills) to axis sizes."""
+  sizes = [int(mesh_cfg[axis]) for axis in AXES]
+  fill = [axis for axis, size in zip(AXES, sizes) if size == -1]
+  if len(fill) > 1:
+    raise ValueError(f'only one mesh axis may be -1 (fill), got {", ".join(fill)}')
+  for axis, size in zip(AXES, sizes):
+    if size == 0 or size < -1:
+      raise ValueError(f'mesh.{axis}={size}: axis sizes are positive (or -1 to fill)')
+  fixed = math.prod(size for size in sizes if size != -1)
+  if fill:
+    if num_devices % fixed:
+      raise ValueError(f'mesh.{fill[0]}=-1 cannot fill {num_devices} devices: the other axes '
+                       f'multiply to {fixed}, which does not divide {num_devices}')
+    sizes[AXES.index(fill[0])] = num_devices // fixed
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f'mesh data×tensor×sequence = {"×".join(map(str, sizes))} = '
+                     f'{math.prod(sizes)} devices, but {num_devices} are available')
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+  devices = list(devices if devices is not None else jax.devices())
+  shape = mesh_shape(mesh_cfg, len(devices))
+  # Auto axes: the XLA partitioner propagates shardings from our annotations.
+  return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def logical_rules(fsdp: bool) -> dict[str, Any]:
+  """Logical axis name -> mesh axis (None = replicated)."""
+  return {
+      # Parameters.
+      'layers': None,
+      'embed': 'data' if fsdp else None,  # FSDP / ZeRO-3: weights sharded over the data axis
+      'vocab': 'tensor',
+      'heads': 'tensor',
+      'kv_heads': 'tensor',
+      'mlp': 'tensor',
+      'head_dim': None,
+      'norm': None,
+      # Activations.
+      'activation_batch': 'data',
+      'activation_length': 'sequence',
+      'activation_embed': None,
+      'activation_heads': 'tensor',
+      'activation_kv_heads': 'tensor',
+      'activation_head_dim': None,
+      'activation_mlp': 'tensor',
+      'activation_vocab': 'tensor',
+  }
+
+
+def partition_spec(logical_axes, rules: dict[str, Any], what: str) -> PartitionSpec:
+  missing = [name for name in logical_axes if name not in rules]
+  if missing:
+    raise ValueError(f'{what}: logical axis {missing[0]!r} has no sharding rule '
+                     f'(known: {", ".join(rules)})')
+  return PartitionSpec(*(rules[name] for name in logical_axes))
+
+
+def check_divisible(shape, logical_axes, mesh: Mesh, rules: dict[str, Any], what: str):
+  """Raises a ValueError naming the dimension and mesh axis that do not divide."""
+  for dim, (size, name) in enumerate(zip(shape, logical_axes)):
+    axis = rules.get(name)
+    if axis is None:
+      continue
+    axis_size = mesh.shape[axis]
+    if size % axis_size:
+      raise ValueError(f'{what}: dimension {dim} ({name}={size}) is not divisible by mesh axis '
+                       f'{axis!r} of size {axis_size}; change the model shape or mesh.{axis}')
+
+
+def _path_name(path) -> str:
+  return '/'.join(str(getattr(key, 'key', getattr(key, 'name', key))) for key in path)
+
+
+def param_shardings(mesh: Mesh, boxed_params, fsdp: bool):
+  """NamedShardings for a tree of nn.Partitioned (abstract) parameters, checked for divisibility."""
+  rules = logical_rules(fsdp)
+
+  def sharding_for(path, leaf):
+    what = f'parameter {_path_name(path)}'
+    if not isinstance(leaf, nn.Partitioned):
+      raise ValueError(f'{what} has no logical axis names')
+    check_divisible(leaf.value.shape, leaf.names, mesh, rules, what)
+    return NamedSharding(mesh, partition_spec(leaf.names, rules, what))
+
+  return jax.tree_util.tree_map_with_path(
+      sharding_for, boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+BATCH_AXES = ('activation_batch', 'activation_length')
+
+
+def batch_sharding(mesh: Mesh, batch_shape, fsdp: bool = False) -> NamedSharding:
+  """How a [batch, length] input array lies on the mesh; checks divisibility."""
+  rules = logical_rules(fsdp)
+  check_divisible(batch_shape, BATCH_AXES, mesh, rules, 'batch [global_batch_size, seq_len]')
+  return NamedSharding(mesh, partition_spec(BATCH_AXES, rules, 'batch'))
+
+
+def check_activations(mesh: Mesh, model_cfg, fsdp: bool = False):
+  """Checks the model dims that activations shard (heads, kv heads, mlp, vocab)."""
+  rules = logical_rules(fsdp)
+  for name, size in (('activation_heads', model_cfg.num_heads),
+                     ('activation_kv_heads', model_cfg.num_kv_heads),
+                     ('activation_mlp', model_cfg.ffn_size),
+                     ('activation_vocab', model_cfg.vocab_size)):
+    check_divisible((size,), (name,), mesh, rules, f'model activation {name[11:]}')
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, fsdp: bool):
+  """Makes the mesh and logical rules current, so model activation constraints take effect."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(logical_rules(fsdp).items())):
+    yield
+
+
+def describe(mesh: Mesh) -> str:
+  return ' × '.join(f'{axis} {size}' for axis, size in mesh.shape.items())
+
+
+def devices_summary() -> str:
+  devices = jax.devices()
+  kinds = sorted({d.device_kind for d in devices})
+  return (f'{len(devices)} {"/".join(kinds)} device(s) over {jax.process_count()} process(es), '
+          f'this is process {jax.process_index()}')
+
+
+def host_array(mesh: Mesh, sharding: NamedSharding, local: np.ndarray) -> jax.Array:
+  """Assembles each process's slice of the batch into one global jax.Array."""
+  return jax.make_array_from_process_local_data(sharding, local)

@@ -1,0 +1,161 @@
+"""`python -m k2jax.train --config=configs/<stage>.py[:args] --workdir=DIR [--config.key=value ...]`
+
+One loop for every stage: the config decides model, mesh, data, schedule. The loop keeps one
+step in flight: it dispatches step N before reading step N-1's metrics, so the devices never
+wait for the host.
+"""
+
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from k2jax import run_config
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Stage config file[:args].')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for metrics and checkpoints.')
+
+
+def train(cfg, workdir: str) -> list[dict]:
+  """Runs the stage described by `cfg`; returns the records written to metrics.jsonl."""
+  # Heavy imports here so that `--help` and config errors are instant.
+  import jax
+
+  from data_pipeline import pipeline
+  from k2jax import model_config, optim, sharding, train_step
+  from k2jax.model import Transformer
+  from k2jax.monitor import Monitor
+
+  run_config.validate(cfg)
+  if cfg.init_from:
+    raise NotImplementedError('init_from: loading a previous stage needs the checkpoint '
+                              'module, which is not written yet')
+  model_cfg = model_config.from_config(cfg.model)
+  tokenizer = pipeline.tokenizer_for(cfg.data)
+  if tokenizer.vocab_size > model_cfg.vocab_size:
+    raise ValueError(f'data.tokenizer {cfg.data.tokenizer} has {tokenizer.vocab_size} tokens, '
+                     f'more than model.vocab_size={model_cfg.vocab_size}')
+
+  mesh = sharding.make_mesh(cfg.mesh)
+  fsdp = cfg.mesh.fsdp
+  global_batch, seq_len = cfg.data.global_batch_size, cfg.data.seq_len
+  accum = cfg.optim.grad_accum_steps
+  batch_sharding = sharding.batch_sharding(mesh, (global_batch // accum, seq_len), fsdp)
+  sharding.check_activations(mesh, model_cfg, fsdp)
+
+  model = Transformer(model_cfg)
+  schedule = optim.make_schedule(cfg.optim, cfg.total_steps)
+  boxed = train_step.abstract_params(model, seq_len)
+  tx = optim.make_optimizer(cfg.optim, cfg.total_steps, train_step.weight_decay_mask(boxed))
+  _, state_sharding = train_step.state_shardings(mesh, tx, boxed, fsdp)
+
+  monitor = Monitor(workdir, cfg.total_steps, tokens_per_step=global_batch * seq_len)
+  monitor.info(f'k2jax: {sharding.devices_summary()}; mesh {sharding.describe(mesh)}'
+               f'{" (fsdp)" if fsdp else ""}')
+  monitor.info(f'model {cfg.model.preset}: {model_cfg.param_count() / 1e6:,.1f}M parameters, '
+               f'{model_cfg.num_layers} layers, remat {model_cfg.remat}, '
+               f'attention {model_cfg.attention}, compute {model_cfg.dtype}')
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(cfg.to_json_best_effort(indent=2))
+
+  with sharding.activate(mesh, fsdp):
+    init = jax.jit(train_step.make_init_fn(model, tx, seq_len), out_shardings=state_sharding)
+    state = init(jax.random.key(cfg.seed))
+    step_fn = jax.jit(train_step.make_train_step(model, tx, schedule, accum),
+                      in_shardings=(state_sharding, batch_sharding),
+                      out_shardings=(state_sharding, sharding.replicated(mesh)),
+                      donate_argnums=0)
+    eval_fn = jax.jit(train_step.make_eval_step(model),
+                      in_shardings=(state_sharding.params, batch_sharding),
+                      out_shardings=sharding.replicated(mesh))
+
+    def to_global(local_batch):
+      return {key: sharding.host_array(mesh, batch_sharding, local_batch[key])
+              for key in train_step.BATCH_KEYS}
+
+    def evaluate(params):
+      batches = pipeline.build(cfg.data, seed=cfg.seed, split='eval',
+                               process_index=jax.process_index(),
+                               process_count=jax.process_count())
+      loss_sum = tokens = 0.0
+      for _, local_batch in zip(range(cfg.eval_batches), batches):
+        out = jax.device_get(eval_fn(params, to_global(local_batch)))
+        loss_sum += float(out['loss_sum'])
+        tokens += float(out['loss_tokens'])
+      return loss_sum / max(tokens, 1.0)
+
+    batches = pipeline.build(cfg.data, seed=cfg.seed, split='train',
+                             process_index=jax.process_index(), process_count=jax.process_count())
+    records = []
+    pending = None  # (step, device metrics) of the step in flight
+    step = start_step = int(state.step)
+    monitor.info(f'training steps {step + 1}..{cfg.total_steps}: '
+                 f'{global_batch} x {seq_len} tokens per step (first step compiles)')
+    while step < cfg.total_steps:
+      state, metrics = step_fn(state, to_global(next(batches)))
+      step += 1
+      if pending is not None:
+        records += _log(monitor, cfg, *pending)
+      pending = (step, metrics)
+      if step == start_step + 1:  # the clock starts after compilation
+        jax.block_until_ready(metrics)
+        monitor.start(step)
+      if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.total_steps):
+        records += _log(monitor, cfg, *pending)
+        pending = None
+        records.append(monitor.write(step, {'eval_loss': evaluate(state.params)}))
+    if pending is not None:
+      records += _log(monitor, cfg, *pending)
+  monitor.close()
+  return records
+
+
+def _log(monitor, cfg, step: int, device_metrics) -> list[dict]:
+  """Writes the record of `step` if it is a logging step (this is where the host syncs)."""
+  if step % cfg.log_every and step != cfg.total_steps:
+    return []
+  import jax
+  metrics = jax.device_get(device_metrics)
+  if not all(map(_finite, metrics.values())):
+    monitor.info(f'warning: non-finite metrics at step {step}: {metrics}')
+  return [monitor.write(step, {**metrics, **monitor.throughput(step)})]
+
+
+def _finite(value) -> bool:
+  import numpy as np
+  return bool(np.all(np.isfinite(value)))
+
+
+def _parse_flags(argv):
+  """absl parsing, with a readable message instead of a traceback for a misspelt key."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as error:
+    spec = run_config.config_spec_from_argv(argv)
+    message = None
+    if spec:
+      try:
+        message = run_config.unknown_override_message(run_config.load(spec), argv)
+      except Exception as load_error:  # the config itself is broken: say that
+        message = f'cannot load --config={spec}: {load_error}'
+    run_config.fail(message or str(error))
+  except flags.Error as error:
+    run_config.fail(str(error))
+
+
+def main(argv):
+  if len(argv) > 1:
+    run_config.fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  if _CONFIG.value is None or _WORKDIR.value is None:
+    run_config.fail('both --config=configs/<stage>.py[:args] and --workdir=DIR are required')
+  try:
+    run_config.validate(_CONFIG.value)
+  except ValueError as error:
+    run_config.fail(str(error))
+  os.makedirs(_WORKDIR.value, exist_ok=True)
+  train(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=_parse_flags)
