@@ -84,6 +84,9 @@ def _local_batch_size(data_cfg, split: str, seed: int, process_index: int,
     _require_int("data.seq_len", data_cfg.seq_len, 1)
     global_batch = _require_int("data.global_batch_size", data_cfg.global_batch_size, 1)
     _require_int("data.worker_count", data_cfg.get("worker_count", 0), 0)
+    packing = data_cfg.get("packing", "concat")
+    if packing != "concat":
+        raise NotImplementedError(f"data.packing={packing!r}: only 'concat' is implemented")
     process_count = _require_int("process_count", process_count, 1)
     process_index = _require_int("process_index", process_index, 0)
     if process_index >= process_count:

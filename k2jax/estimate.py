@@ -1,4 +1,4 @@
-"""`python -m k2jax.estimate --config=configs/<stage>.py[:args] [--devices=N] [--mesh=data:8,tensor:8]`
+r"""`python -m k2jax.estimate --config=configs/<stage>.py[:args] [--devices=N] [--mesh=data:8,tensor:8]`
 
 Plans a run without running it: parameter count, FLOPs per token, tokens per step, then the
 exact train step that k2jax.train jits (forward, backward, AdamW update; same shardings and
@@ -9,11 +9,12 @@ of parameter + optimizer bytes per device.
 To plan a mesh larger than the machine, `--devices=N` simulates N CPU devices (it sets
 XLA_FLAGS and JAX_PLATFORMS=cpu before JAX is imported, which is why JAX is imported late).
 Memory figures compiled for CPU follow CPU fusion choices: treat them as an estimate of the
-GPU's, not a measurement.
+GPU's, not a measurement. The data axis splits the batch: with data 8 x tensor 8, a global
+batch of 8 is one sequence per data shard, shared by its 8 tensor devices.
 
 Examples:
   python -m k2jax.estimate --config=configs/pretrain.py --devices=64 \
-      --mesh=data:8,tensor:8,sequence:1 --config.data.global_batch_size=64
+      --mesh=data:8,tensor:8,sequence:1 --config.data.global_batch_size=8
   python -m k2jax.estimate --config=configs/pretrain.py:debug --devices=8 --output=json
 """
 
@@ -131,13 +132,13 @@ def plan(cfg) -> dict:
   from k2jax import model_config, optim, sharding, train_step
   from k2jax.model import Transformer
 
-  global_batch, seq_len = cfg.data.global_batch_size, cfg.data.seq_len
-  accum = cfg.optim.grad_accum_steps
-  fsdp = cfg.mesh.fsdp
   # Mesh, shardings and optimizer exactly as train.py builds them. Their checks raise
   # ValueError; only those become one-line errors (a failure while compiling is a bug: traceback).
   try:
     run_config.validate(cfg)
+    global_batch, seq_len = cfg.data.global_batch_size, cfg.data.seq_len
+    accum = cfg.optim.grad_accum_steps
+    fsdp = cfg.mesh.fsdp
     model_cfg = model_config.from_config(cfg.model)
     mesh = sharding.make_mesh(cfg.mesh)
     batch_sharding = sharding.batch_sharding(mesh, (global_batch // accum, seq_len), fsdp)
@@ -187,7 +188,7 @@ def plan(cfg) -> dict:
     # Donated outputs reuse their argument's buffer, so they are counted once.
     memory['total'] = (memory['argument'] + memory['output'] - memory['alias'] + memory['temp']
                        + memory['generated_code'])
-    # XLA's own peak, where the backend computes one (0 otherwise, e.g. on CPU).
+    # XLA's own peak where the backend computes one (the CPU's counts only the arguments).
     memory['peak'] = int(getattr(stats, 'peak_memory_in_bytes', 0) or 0)
 
   devices = mesh.devices.flatten()
@@ -277,7 +278,7 @@ def format_report(spec: str, result: dict) -> str:
         f'  total               {_size(memory["total"])}  (arguments + outputs - aliased + '
         'temporaries + code)',
     ]
-    if memory['peak']:
+    if memory['peak'] and result['platform'] != 'cpu':  # CPU's figure counts arguments only
       lines.append(f'  XLA peak            {_size(memory["peak"])}')
   flops = result['cost_analysis_flops_per_device']
   lines += [

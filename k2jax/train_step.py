@@ -108,9 +108,9 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation,
     params = optax.apply_updates(state.params, updates)
     metrics = {
         'loss': loss,
-        'grad_norm': optax.global_norm(grads),  # before clipping
-        'update_norm': optax.global_norm(updates),
-        'param_norm': optax.global_norm(params),
+        'grad_norm': optax.tree.norm(grads),  # before clipping
+        'update_norm': optax.tree.norm(updates),
+        'param_norm': optax.tree.norm(params),
         'learning_rate': schedule(state.step),  # the rate this update used
         'loss_tokens': tokens,
     }
