@@ -53,23 +53,6 @@ def _define_flags(argv) -> flags.FlagValues:
   return values
 
 
-def _parse_flags(values: flags.FlagValues, argv):
-  """absl parsing with one-line errors; the same approach as k2jax.train._parse_flags."""
-  try:
-    return values(argv)
-  except (AttributeError, KeyError) as error:  # what config_flags raises for a misspelt key
-    spec = run_config.config_spec_from_argv(argv)
-    message = None
-    if spec:
-      try:
-        message = run_config.unknown_override_message(run_config.load(spec), argv)
-      except Exception as load_error:  # the config itself is broken: say that
-        message = f'cannot load --config={spec}: {load_error}'
-    run_config.fail(message or str(error))
-  except flags.Error as error:
-    run_config.fail(str(error))
-
-
 def parse_mesh(spec: str) -> dict[str, int]:
   """'data:8,tensor:8' -> {'data': 8, 'tensor': 8}; -1 fills, as in the config."""
   sizes = {}
@@ -302,7 +285,7 @@ def main(argv=None) -> dict:
     print(_define_flags(argv[:1]).get_help())
     sys.exit(0)
   values = _define_flags(argv)
-  rest = _parse_flags(values, argv)
+  rest = run_config.parse_flags(values, argv)
   if len(rest) > 1:
     run_config.fail(f'unexpected arguments: {" ".join(rest[1:])}')
   cfg = values.config

@@ -81,6 +81,37 @@ def config_spec_from_argv(argv) -> str | None:
   return None
 
 
+def load_error(spec: str) -> str | None:
+  """Why `--config=spec` cannot be loaded, in one line, or None if it loads."""
+  try:
+    load(spec)
+  except Exception as error:  # whatever the config file raised
+    return f'cannot load --config={spec}: {error}'
+  return None
+
+
+def parse_flags(flag_values, argv):
+  """absl flag parsing with one-line errors (exit 2) instead of tracebacks.
+
+  ml_collections' config flag raises AttributeError / KeyError for a misspelt override,
+  embeds a traceback in its message for a config that raises, and quietly substitutes a
+  stand-in for a missing file: all three become one readable line here.
+  """
+  spec = config_spec_from_argv(argv)
+  try:
+    rest = flag_values(argv)
+  except (AttributeError, KeyError) as error:
+    message = load_error(spec) if spec else None
+    if spec and message is None:
+      message = unknown_override_message(load(spec), argv)
+    fail(message or str(error))
+  except Exception as error:  # absl's flags.Error, or whatever the config file raised
+    fail((load_error(spec) if spec else None) or str(error))
+  if spec and not isinstance(flag_values['config'].value, ml_collections.ConfigDict):
+    fail(load_error(spec) or f'--config={spec} did not return a ConfigDict')
+  return rest
+
+
 def validate(cfg) -> None:
   """Cross-field checks that need no devices. Raises ValueError naming the key."""
   # Imported here so that loading a config stays light.

@@ -16,15 +16,23 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Stage config file[:ar
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for metrics and checkpoints.')
 
 
+# Errors that mean "the config or its inputs are wrong": reported in one line, no traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotImplementedError)
+
+
 def train(cfg, workdir: str) -> list[dict]:
   """Runs the stage described by `cfg`; returns the records written to metrics.jsonl."""
+  return run(prepare(cfg, workdir))
+
+
+def prepare(cfg, workdir: str) -> dict:
+  """Everything that can fail on bad input, checked before anything is compiled."""
   # Heavy imports here so that `--help` and config errors are instant.
   import jax
 
   from data_pipeline import pipeline
   from k2jax import model_config, optim, sharding, train_step
   from k2jax.model import Transformer
-  from k2jax.monitor import Monitor
 
   run_config.validate(cfg)
   if cfg.init_from:
@@ -38,31 +46,53 @@ def train(cfg, workdir: str) -> list[dict]:
 
   mesh = sharding.make_mesh(cfg.mesh)
   fsdp = cfg.mesh.fsdp
-  global_batch, seq_len = cfg.data.global_batch_size, cfg.data.seq_len
-  accum = cfg.optim.grad_accum_steps
-  batch_sharding = sharding.batch_sharding(mesh, (global_batch // accum, seq_len), fsdp)
+  micro_batch = cfg.data.global_batch_size // cfg.optim.grad_accum_steps
+  batch_sharding = sharding.batch_sharding(mesh, (micro_batch, cfg.data.seq_len), fsdp)
   sharding.check_activations(mesh, model_cfg, fsdp)
 
   model = Transformer(model_cfg)
-  schedule = optim.make_schedule(cfg.optim, cfg.total_steps)
-  boxed = train_step.abstract_params(model, seq_len)
+  boxed = train_step.abstract_params(model, cfg.data.seq_len)
   tx = optim.make_optimizer(cfg.optim, cfg.total_steps, train_step.weight_decay_mask(boxed))
   _, state_sharding = train_step.state_shardings(mesh, tx, boxed, fsdp)
 
-  monitor = Monitor(workdir, cfg.total_steps, tokens_per_step=global_batch * seq_len)
+  process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  train_batches = pipeline.build(cfg.data, seed=cfg.seed, split='train', **process)
+  if cfg.eval_every:
+    pipeline.build(cfg.data, seed=cfg.seed, split='eval', **process)  # fail now, not at eval
+  os.makedirs(workdir, exist_ok=True)
+  return dict(cfg=cfg, workdir=workdir, model_cfg=model_cfg, mesh=mesh, model=model, tx=tx,
+              schedule=optim.make_schedule(cfg.optim, cfg.total_steps),
+              state_sharding=state_sharding, batch_sharding=batch_sharding,
+              train_batches=train_batches, process=process)
+
+
+def run(p: dict) -> list[dict]:
+  """The training loop over a prepared run."""
+  import jax
+
+  from data_pipeline import pipeline
+  from k2jax import sharding, train_step
+  from k2jax.monitor import Monitor
+
+  cfg, mesh, model, tx = p['cfg'], p['mesh'], p['model'], p['tx']
+  state_sharding, batch_sharding = p['state_sharding'], p['batch_sharding']
+  fsdp, accum = cfg.mesh.fsdp, cfg.optim.grad_accum_steps
+  global_batch, seq_len = cfg.data.global_batch_size, cfg.data.seq_len
+  monitor = Monitor(p['workdir'], cfg.total_steps, tokens_per_step=global_batch * seq_len)
   monitor.info(f'k2jax: {sharding.devices_summary()}; mesh {sharding.describe(mesh)}'
                f'{" (fsdp)" if fsdp else ""}')
+  model_cfg = p['model_cfg']
   monitor.info(f'model {cfg.model.preset}: {model_cfg.param_count() / 1e6:,.1f}M parameters, '
                f'{model_cfg.num_layers} layers, remat {model_cfg.remat}, '
                f'attention {model_cfg.attention}, compute {model_cfg.dtype}')
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    with open(os.path.join(p['workdir'], 'config.json'), 'w') as f:
       f.write(cfg.to_json_best_effort(indent=2))
 
   with sharding.activate(mesh, fsdp):
     init = jax.jit(train_step.make_init_fn(model, tx, seq_len), out_shardings=state_sharding)
     state = init(jax.random.key(cfg.seed))
-    step_fn = jax.jit(train_step.make_train_step(model, tx, schedule, accum),
+    step_fn = jax.jit(train_step.make_train_step(model, tx, p['schedule'], accum),
                       in_shardings=(state_sharding, batch_sharding),
                       out_shardings=(state_sharding, sharding.replicated(mesh)),
                       donate_argnums=0)
@@ -75,9 +105,8 @@ def train(cfg, workdir: str) -> list[dict]:
               for key in train_step.BATCH_KEYS}
 
     def evaluate(params):
-      batches = pipeline.build(cfg.data, seed=cfg.seed, split='eval',
-                               process_index=jax.process_index(),
-                               process_count=jax.process_count())
+      # A fresh iterator each time: every eval sees the same held-out batches.
+      batches = pipeline.build(cfg.data, seed=cfg.seed, split='eval', **p['process'])
       loss_sum = tokens = 0.0
       for _, local_batch in zip(range(cfg.eval_batches), batches):
         out = jax.device_get(eval_fn(params, to_global(local_batch)))
@@ -85,8 +114,7 @@ def train(cfg, workdir: str) -> list[dict]:
         tokens += float(out['loss_tokens'])
       return loss_sum / max(tokens, 1.0)
 
-    batches = pipeline.build(cfg.data, seed=cfg.seed, split='train',
-                             process_index=jax.process_index(), process_count=jax.process_count())
+    batches = p['train_batches']
     records = []
     pending = None  # (step, device metrics) of the step in flight
     step = start_step = int(state.step)
@@ -127,35 +155,17 @@ def _finite(value) -> bool:
   return bool(np.all(np.isfinite(value)))
 
 
-def _parse_flags(argv):
-  """absl parsing, with a readable message instead of a traceback for a misspelt key."""
-  try:
-    return flags.FLAGS(argv)
-  except (AttributeError, KeyError) as error:
-    spec = run_config.config_spec_from_argv(argv)
-    message = None
-    if spec:
-      try:
-        message = run_config.unknown_override_message(run_config.load(spec), argv)
-      except Exception as load_error:  # the config itself is broken: say that
-        message = f'cannot load --config={spec}: {load_error}'
-    run_config.fail(message or str(error))
-  except flags.Error as error:
-    run_config.fail(str(error))
-
-
 def main(argv):
   if len(argv) > 1:
     run_config.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   if _CONFIG.value is None or _WORKDIR.value is None:
     run_config.fail('both --config=configs/<stage>.py[:args] and --workdir=DIR are required')
   try:
-    run_config.validate(_CONFIG.value)
-  except ValueError as error:
+    prepared = prepare(_CONFIG.value, _WORKDIR.value)
+  except USER_ERRORS as error:
     run_config.fail(str(error))
-  os.makedirs(_WORKDIR.value, exist_ok=True)
-  train(_CONFIG.value, _WORKDIR.value)
+  run(prepared)
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=lambda argv: run_config.parse_flags(flags.FLAGS, argv))

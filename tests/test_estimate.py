@@ -125,6 +125,17 @@ def test_misspelt_override(capsys, in_repo):
   assert 'did you mean: optim.peak_lr' in one_line_error(err)
 
 
+@pytest.mark.parametrize('spec, message', [
+    ('configs/nope.py', "config file 'configs/nope.py' does not exist"),
+    ('configs/pretrain.py:bogus', 'unknown config argument(s) bogus'),
+])
+def test_config_that_does_not_load(capsys, in_repo, spec, message):
+  with pytest.raises(SystemExit) as exit_info:
+    estimate.main(['estimate', f'--config={spec}'])
+  assert exit_info.value.code == 2
+  assert message in one_line_error(capsys.readouterr().err)
+
+
 @pytest.mark.parametrize('mesh, message', [
     ('data:8,tensr:8', "'tensr:8' is not AXIS:SIZE"),
     ('data:8,tensor:x', "size of 'tensor' must be an integer"),
