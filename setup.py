@@ -10,7 +10,7 @@ setup(
     packages=find_packages(include=['k2jax', 'k2jax.*', 'data_pipeline', 'data_pipeline.*',
                                     'configs', 'configs.*']),
     package_data={'data_pipeline': ['demo/*']},
-    # Pinned to the versions the test suite ran with (see docs/install.md).
+    # Pinned to the versions the test suite ran with.
     install_requires=[
         'jax==0.10.2',
         'flax==0.12.8',
