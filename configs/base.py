@@ -48,7 +48,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.eval_files = ''  # glob of held-out JSONL files
   c.data.tokenizer = ''  # SentencePiece .model
   c.data.text_field = 'text'  # JSONL field with the document text
-  c.data.packing = 'concat'  # concat: documents joined with EOD, attention across them
+  c.data.packing = 'concat'  # concat (EOD-joined, attention across docs) | document | best_fit
+  c.data.pack_buffer = 256  # best_fit: documents considered together when filling rows
   c.data.worker_count = 0  # Grain worker processes (0: in-process)
 
   c.optim = ml_collections.ConfigDict()

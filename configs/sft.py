@@ -4,6 +4,9 @@ Launch from the last mid-training checkpoint:
   python -m k2jax.train --config=configs/sft.py --workdir=/ckpt/sft --config.init_from=/ckpt/mid4
 CPU-sized variant:
   python -m k2jax.train --config=configs/sft.py:debug --workdir=/tmp/sft
+Not yet: rendering `conversations` with the ChatML template and masking the loss to assistant
+tokens (the data pipeline's chat stage); until then this stage reads `text` JSONL with loss on
+every token.
 """
 
 from configs import base

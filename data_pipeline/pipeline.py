@@ -1,6 +1,13 @@
-"""Pre-training input pipeline on Grain: JSONL documents -> packed token batches.
+"""Input pipeline on Grain: JSONL documents -> packed token batches.
 
-K2-V2 pre-training packing (Megatron style): every document is tokenized and
+`data.packing` chooses how documents become rows:
+
+  'concat'    K2-V2 pre-training and mid-training stage 1 (below).
+  'document'  whole documents per row, greedy in stream order (data_pipeline/packing.py).
+  'best_fit'  whole documents per row, best-fit decreasing over a window of
+              `data.pack_buffer` documents (default 256); K2-V2 mid-training stages 2-4.
+
+'concat' packing (Megatron style): every document is tokenized and
 followed by EOD (the eos id), the documents are concatenated into one token
 stream, and the stream is cut into consecutive chunks of seq_len + 1 tokens.
 A chunk gives `inputs = chunk[:-1]` and `targets = chunk[1:]`. Attention
@@ -15,12 +22,16 @@ The Grain graph, per process:
       .map(tokenize + EOD)
       .to_iter_dataset()
       .mp_prefetch(workers)     optional; keeps the document order
-      ConcatThenSplit(seq_len + 1)
+      ConcatThenSplit(seq_len + 1)     'concat'
       .map(chunk -> example)
       .batch(global_batch_size // process_count)
+    or
+      PackedBatchIterDataset(...)      'document' / 'best_fit'
 
 The returned iterator is a Grain DatasetIterator, so `get_state()` /
-`set_state()` can checkpoint the data position along with the model.
+`set_state()` can checkpoint the data position along with the model. For
+'document' and 'best_fit', `packing_stats(iterator)` gives running totals of
+rows, padding and loss tokens (see packing.PackingStats).
 """
 
 from collections.abc import Iterator
@@ -29,10 +40,12 @@ from absl import flags
 import grain
 import numpy as np
 
-from data_pipeline import jsonl
+from data_pipeline import jsonl, packing
 from data_pipeline.tokenizer import Tokenizer, load_tokenizer
 
 SPLITS = ('train', 'eval')
+PACKINGS = ('concat', *packing.MODES)
+DEFAULT_PACK_BUFFER = 256
 
 # Documents are already in memory, so one reader thread is enough to run
 # tokenization ahead of the training step; more threads only fight over the GIL.
@@ -84,9 +97,10 @@ def _local_batch_size(data_cfg, split: str, seed: int, process_index: int,
   _require_int('data.seq_len', data_cfg.seq_len, 1)
   global_batch = _require_int('data.global_batch_size', data_cfg.global_batch_size, 1)
   _require_int('data.worker_count', data_cfg.get('worker_count', 0), 0)
-  packing = data_cfg.get('packing', 'concat')
-  if packing != 'concat':
-    raise NotImplementedError(f"data.packing={packing!r}: only 'concat' is implemented")
+  mode = data_cfg.get('packing', 'concat')
+  if mode not in PACKINGS:
+    raise ValueError(f'data.packing must be one of {"|".join(PACKINGS)}, got {mode!r}')
+  _require_int('data.pack_buffer', data_cfg.get('pack_buffer', DEFAULT_PACK_BUFFER), 1)
   process_count = _require_int('process_count', process_count, 1)
   process_index = _require_int('process_index', process_index, 0)
   if process_index >= process_count:
@@ -108,7 +122,8 @@ def build(data_cfg, *, seed: int, split: str, process_index: int = 0,
   `loss_mask` (float32) to arrays of shape
   [global_batch_size // process_count, seq_len]. The same config, seed and
   process give the same batches; eval ignores the seed and always starts
-  from the first document in file order.
+  from the first document in file order. `data.packing` (default 'concat')
+  and, for 'best_fit', `data.pack_buffer` (default 256) choose the packing.
   """
   local_batch = _local_batch_size(data_cfg, split, seed, process_index, process_count)
   pattern = data_cfg.train_files if split == 'train' else data_cfg.eval_files
@@ -121,7 +136,8 @@ def build(data_cfg, *, seed: int, split: str, process_index: int = 0,
                      f'process {process_index} of {process_count} any')
   if split == 'train':
     docs = docs.shuffle(seed=seed)
-  tokens = docs.repeat().map(_TokenizeWithEod(tokenizer_for(data_cfg)))
+  tokenizer = tokenizer_for(data_cfg)
+  tokens = docs.repeat().map(_TokenizeWithEod(tokenizer))
 
   stream = tokens.to_iter_dataset(_READ_OPTIONS)
   worker_count = data_cfg.get('worker_count', 0)
@@ -134,7 +150,26 @@ def build(data_cfg, *, seed: int, split: str, process_index: int = 0,
     # back in order, so the batches do not depend on worker_count.
     stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
 
-  chunks = grain.experimental.ConcatThenSplitIterDataset(
-      stream, length_struct={'tokens': data_cfg.seq_len + 1})
-  batches = chunks.map(_chunk_to_example).batch(local_batch, drop_remainder=True)
+  mode = data_cfg.get('packing', 'concat')
+  if mode == 'concat':
+    chunks = grain.experimental.ConcatThenSplitIterDataset(
+        stream, length_struct={'tokens': data_cfg.seq_len + 1})
+    batches = chunks.map(_chunk_to_example).batch(local_batch, drop_remainder=True)
+  else:
+    # A SentencePiece model without a pad piece answers -1; EOD then pads (masked anyway).
+    pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
+    batches = packing.PackedBatchIterDataset(
+        stream, mode=mode, seq_len=data_cfg.seq_len, batch_size=local_batch, pad_id=pad_id,
+        pack_buffer=data_cfg.get('pack_buffer', DEFAULT_PACK_BUFFER),
+        # Eval ignores the seed (see above), also for the order of packed rows.
+        seed=seed if split == 'train' else 0)
   return iter(batches)
+
+
+def packing_stats(batches) -> packing.PackingStats | None:
+  """Running totals (rows, padding, loss tokens) of an iterator from `build`.
+
+  None for 'concat', which has no padding. The totals cover every batch the iterator
+  has returned, and are restored with its state by `set_state`.
+  """
+  return getattr(batches, 'stats', None)

@@ -50,6 +50,12 @@ class Monitor:
     self._start_time = self._last_time = time.perf_counter()
     self._start_step = self._last_step = step
 
+  def exclude(self, seconds: float):
+    """Leaves time spent outside training (evals) out of tokens/s and the ETA."""
+    if self._last_time is not None:
+      self._last_time += seconds
+      self._start_time += seconds
+
   def throughput(self, step: int) -> dict:
     """tokens/s and step time since the previous call, and the ETA of the run."""
     now = time.perf_counter()

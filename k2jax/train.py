@@ -6,6 +6,7 @@ wait for the host.
 """
 
 import os
+import time
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -132,7 +133,9 @@ def run(p: dict) -> list[dict]:
       if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.total_steps):
         records += _log(monitor, cfg, *pending)
         pending = None
+        eval_start = time.perf_counter()
         records.append(monitor.write(step, {'eval_loss': evaluate(state.params)}))
+        monitor.exclude(time.perf_counter() - eval_start)
     if pending is not None:
       records += _log(monitor, cfg, *pending)
   monitor.close()

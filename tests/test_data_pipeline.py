@@ -1,15 +1,18 @@
 """Tests for data_pipeline: demo corpus, tokenizer, JSONL reading and packing."""
 
+import collections
+import itertools
 import json
 import logging
 import os
 import re
 
+import grain
 import ml_collections
 import numpy as np
 import pytest
 
-from data_pipeline import demo_corpus, jsonl, pipeline, train_tokenizer
+from data_pipeline import demo_corpus, jsonl, packing, pipeline, train_tokenizer
 from data_pipeline.tokenizer import SPECIAL_TOKENS, load_tokenizer
 
 DEMO_DIR = os.path.join(os.path.dirname(__file__), '..', 'data_pipeline', 'demo')
@@ -21,7 +24,7 @@ EVAL_PATH = os.path.join(DEMO_DIR, 'eval.jsonl')
 def make_cfg(**overrides) -> ml_collections.ConfigDict:
   fields = dict(seq_len=32, global_batch_size=4, train_files=TRAIN_PATH,
                 eval_files=EVAL_PATH, tokenizer=TOKENIZER_PATH, text_field='text',
-                worker_count=0)
+                worker_count=0, packing='concat')
   return ml_collections.ConfigDict({**fields, **overrides})
 
 
@@ -162,15 +165,19 @@ def _numbers_seen(cfg, split, process_index, tokenizer, n_batches=6):
   batches = take(pipeline.build(cfg, seed=0, split=split, process_index=process_index,
                                 process_count=2), n_batches)
   assert batches[0]['inputs'].shape == (2, 32)  # global 4 over 2 processes
-  text = tokenizer.decode(stream_tokens(batches))
+  if cfg.packing == 'concat':
+    text = tokenizer.decode(stream_tokens(batches))
+  else:
+    text = tokenizer.decode([t for b in batches for t in b['inputs'][b['segment_ids'] > 0]])
   return set(re.findall(r'doc (\d+) ', text))
 
 
+@pytest.mark.parametrize('packing', ['concat', 'document', 'best_fit'])
 @pytest.mark.parametrize('split', ['train', 'eval'])
-def test_processes_read_disjoint_documents(tmp_path, tokenizer, split):
+def test_processes_read_disjoint_documents(tmp_path, tokenizer, split, packing):
   path = write_jsonl(tmp_path / 'docs.jsonl',
                      [json.dumps({'text': f'doc {i} is here.'}) for i in range(20)])
-  cfg = make_cfg(train_files=path, eval_files=path)
+  cfg = make_cfg(train_files=path, eval_files=path, packing=packing, pack_buffer=8)
   seen = [_numbers_seen(cfg, split, index, tokenizer) for index in (0, 1)]
   assert seen[0] and seen[1] and not seen[0] & seen[1]
   assert seen[0] | seen[1] == {str(i) for i in range(20)}
@@ -188,14 +195,186 @@ def test_train_epochs_are_reshuffled(tmp_path, tokenizer):
   assert first_epoch != second_epoch
 
 
-def test_worker_processes_give_the_same_batches():
-  in_process = pipeline.build(make_cfg(), seed=3, split='train')
-  with_workers = pipeline.build(make_cfg(worker_count=2), seed=3, split='train')
+@pytest.mark.parametrize('packing', ['concat', 'best_fit'])
+def test_worker_processes_give_the_same_batches(packing):
+  cfg = {'packing': packing, 'pack_buffer': 16}
+  in_process = pipeline.build(make_cfg(**cfg), seed=3, split='train')
+  with_workers = pipeline.build(make_cfg(**cfg, worker_count=2), seed=3, split='train')
   try:
     for a, b in zip(take(in_process, 3), take(with_workers, 3)):
-      np.testing.assert_array_equal(a['inputs'], b['inputs'])
+      for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
   finally:
     with_workers.close()
+
+
+# --- document and best-fit packing ----------------------------------------------
+
+PACKED = ['document', 'best_fit']
+
+
+@pytest.fixture(scope='module')
+def eval_docs(tokenizer):
+  """The eval documents as the pipeline tokenizes them: text ids, then EOD."""
+  return [tokenizer.encode(text) + [tokenizer.eos_id] for text in jsonl.read_texts(EVAL_PATH)]
+
+
+def doc_pieces(docs, seq_len, repeats=3):
+  """(tokens, first position) of every row-sized piece of `docs`, repeated, in stream order."""
+  return [(tuple(doc[start:start + seq_len]), start)
+          for doc in docs * repeats for start in range(0, len(doc), seq_len)]
+
+
+def check_row_layout(batch, pad_id, seq_len):
+  """Checks every row's segments, positions, targets and loss mask; returns its pieces.
+
+  Rows hold segments 1, 2, 3, ... then padding; a segment's positions count up from a
+  multiple of seq_len (0 unless it continues an over-long document); targets are the next
+  input of the same segment; loss_mask is 1 exactly where such a target exists.
+  """
+  rows = []
+  for inputs, targets, positions, segments, loss in zip(
+      batch['inputs'], batch['targets'], batch['positions'], batch['segment_ids'],
+      batch['loss_mask']):
+    used = int((segments > 0).sum())
+    assert (segments[used:] == 0).all(), 'padding only at the end of a row'
+    assert segments[0] == 1 and set(np.diff(segments[:used])) <= {0, 1}
+    pad = segments == 0
+    assert (inputs[pad] == pad_id).all() and (positions[pad] == 0).all()
+    same_next = np.append((segments[:-1] == segments[1:]) & ~pad[:-1], False)
+    np.testing.assert_array_equal(loss, same_next.astype(np.float32))
+    np.testing.assert_array_equal(targets[:-1][same_next[:-1]], inputs[1:][same_next[:-1]])
+    assert (targets[~same_next] == pad_id).all()
+    pieces = []
+    for segment_id in range(1, int(segments.max()) + 1):
+      at = np.flatnonzero(segments == segment_id)
+      start = int(positions[at[0]])
+      assert start % seq_len == 0
+      np.testing.assert_array_equal(positions[at], start + np.arange(len(at)))
+      pieces.append((tuple(int(t) for t in inputs[at]), start))
+    rows.append(pieces)
+  return rows
+
+
+@pytest.mark.parametrize('mode', PACKED)
+def test_packed_rows_hold_every_document_token_once(eval_docs, mode):
+  seq_len, pack_buffer = 64, 24  # many eval documents are longer than a row
+  cfg = make_cfg(seq_len=seq_len, global_batch_size=8, packing=mode, pack_buffer=pack_buffer)
+  batches = take(pipeline.build(cfg, seed=0, split='eval'), 60)
+  rows = [row for batch in batches for row in check_row_layout(batch, 3, seq_len)]
+  expected = doc_pieces(eval_docs, seq_len)
+  assert any(start > 0 for _, start in expected)  # over-long documents are exercised
+  observed = [piece for row in rows for piece in row]
+  if mode == 'document':
+    # Stream order: gluing continued pieces back gives the documents, in file order.
+    assert observed == expected[:len(observed)]
+    docs = []
+    for tokens, start in observed:
+      if start:
+        docs[-1] += tokens
+      else:
+        docs.append(tokens)
+    assert [list(d) for d in docs[:-1]] == (eval_docs * 3)[:len(docs) - 1]
+    # Greedy: a row is closed only when the next piece does not fit in it.
+    for row, next_row in itertools.pairwise(rows):
+      assert sum(len(t) for t, _ in row) + len(next_row[0][0]) > seq_len
+  else:
+    # Each window of pack_buffer pieces fills whole rows: same pieces, any order.
+    windows = [expected[i:i + pack_buffer] for i in range(0, len(expected), pack_buffer)]
+    in_window = collections.Counter()
+    for row in rows:
+      in_window.update(row)
+      window = collections.Counter(windows[0])
+      assert not in_window - window, 'a row mixes windows or invents a piece'
+      if in_window == window:
+        windows.pop(0)
+        in_window = collections.Counter()
+    assert len(windows) < len(expected) // pack_buffer - 5  # several windows checked
+  # No segment crosses rows unless its document is longer than a row.
+  whole = {tuple(doc) for doc in eval_docs if len(doc) <= seq_len}
+  long_pieces = set(doc_pieces([doc for doc in eval_docs if len(doc) > seq_len], seq_len, 1))
+  for tokens, start in observed:
+    assert (start == 0 and tokens in whole) or (tokens, start) in long_pieces
+  assert len(observed) > len(expected) // 3  # more than one pass over the eval documents
+
+
+def _pack_by_hand(mode, pack_buffer=7):
+  """Rows packed from documents of 3, 5, 4, 10, 2 and 6 tokens (repeated) into rows of 8."""
+  lengths = [3, 5, 4, 10, 2, 6]
+  docs = [{'tokens': np.arange(100 * d, 100 * d + n, dtype=np.int32)}
+          for d, n in enumerate(lengths, start=1)]
+  stream = grain.MapDataset.source(docs).repeat().to_iter_dataset()
+  batches = iter(packing.PackedBatchIterDataset(
+      stream, mode=mode, seq_len=8, batch_size=5, pad_id=0, pack_buffer=pack_buffer, seed=0))
+  rows = check_row_layout(next(batches), 0, 8)
+  named = {(tuple(doc['tokens'][start:start + 8]), start): f'd{d}' + ('+' if start else '')
+           for d, doc in enumerate(docs, start=1) for start in (0, 8)}
+  return [[named[piece] for piece in row] for row in rows], batches.stats
+
+
+def test_document_packing_by_hand():
+  rows, stats = _pack_by_hand('document')
+  # d4 is longer than a row: its second piece (d4+) starts at position 8 in a new segment.
+  assert rows == [['d1', 'd2'], ['d3'], ['d4'], ['d4+', 'd5'], ['d6']]
+  assert (stats.rows, stats.tokens, stats.pad_tokens, stats.segments) == (5, 40, 10, 7)
+
+
+def test_best_fit_packing_by_hand():
+  rows, stats = _pack_by_hand('best_fit')
+  # The window of 7 pieces, best-fit decreasing: 8 | 6+2 | 5+3 | 4+2, rows then shuffled.
+  assert sorted(rows[:4]) == [['d1', 'd2'], ['d3', 'd5'], ['d4'], ['d4+', 'd6']]
+  assert rows[4] in rows[:4]  # the next window holds the same 7 pieces
+  assert stats.pad_tokens == 2 + (2 if rows[4] == ['d3', 'd5'] else 0)
+
+
+def test_best_fit_rows_are_best_fit_decreasing():
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(1, 101, size=300)
+  rows = packing.best_fit_rows(lengths, 100)
+  assert sorted(i for row in rows for i in row) == list(range(300))
+  for r, row in enumerate(rows):
+    assert row == sorted(row) and sum(lengths[row]) <= 100
+    later = [lengths[i] for other in rows[r + 1:] for i in other]
+    if later:  # closed only when nothing left fits; opened with the largest left
+      assert min(later) > 100 - sum(lengths[row])
+      assert max(lengths[row]) >= max(later)
+  assert packing.best_fit_rows([5, 3, 5, 2], 8) == [[0, 1], [2, 3]]  # ties: stream order
+  with pytest.raises(ValueError, match='1..8'):
+    packing.best_fit_rows([9], 8)
+
+
+def test_best_fit_pads_less_than_document_packing():
+  fractions = {}
+  for mode in PACKED:
+    batches = pipeline.build(make_cfg(seq_len=512, packing=mode), seed=0, split='train')
+    take(batches, 100)
+    stats = pipeline.packing_stats(batches)
+    assert (stats.rows, stats.tokens) == (400, 400 * 512)
+    assert stats.loss_tokens == stats.tokens - stats.pad_tokens - stats.segments
+    fractions[mode] = stats.pad_fraction
+  print(f'pad fraction at seq_len 512: {fractions}')
+  assert fractions['best_fit'] < 0.05 and fractions['document'] > 0.1
+  assert pipeline.packing_stats(pipeline.build(make_cfg(), seed=0, split='train')) is None
+
+
+@pytest.mark.parametrize('mode', PACKED)
+def test_packed_batches_are_deterministic_and_restorable(mode):
+  cfg = make_cfg(seq_len=64, packing=mode, pack_buffer=16)
+  first = pipeline.build(cfg, seed=7, split='train')
+  take(first, 5)  # the state is taken in the middle of a best-fit window
+  state = json.loads(json.dumps(first.get_state()))  # as a checkpoint stores it
+  later = take(first, 6)
+  again = pipeline.build(cfg, seed=7, split='train')
+  take(again, 5)
+  restored = pipeline.build(cfg, seed=7, split='train')
+  restored.set_state(state)
+  other = take(pipeline.build(cfg, seed=8, split='train'), 11)
+  for a, b, c in zip(later, take(again, 6), take(restored, 6)):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+      np.testing.assert_array_equal(a[key], c[key])
+  assert pipeline.packing_stats(restored) == pipeline.packing_stats(first)
+  assert not all((a['inputs'] == c['inputs']).all() for a, c in zip(later, other[5:]))
 
 
 # --- bad inputs ----------------------------------------------------------------
@@ -205,6 +384,7 @@ def test_worker_processes_give_the_same_batches():
     (dict(seq_len=8.5), 1, 'seq_len'),
     (dict(global_batch_size=-4), 1, 'global_batch_size'),
     (dict(global_batch_size=6), 4, 'not divisible by process_count 4'),
+    (dict(packing='best_fit', pack_buffer=0), 1, 'pack_buffer'),
 ])
 def test_bad_config_values(overrides, process_count, message):
   with pytest.raises(ValueError, match=message):
@@ -219,8 +399,9 @@ def test_bad_split_and_process_index():
 
 
 def test_unknown_packing_mode_is_refused():
-  with pytest.raises(NotImplementedError, match='packing'):
-    pipeline.build(make_cfg(packing='best_fit'), seed=0, split='train')
+  with pytest.raises(ValueError, match=r"data.packing must be one of concat\|document\|best_fit, "
+                                       r"got 'bestfit'"):
+    pipeline.build(make_cfg(packing='bestfit'), seed=0, split='train')
 
 
 def test_glob_matching_nothing_names_the_glob(tmp_path):
