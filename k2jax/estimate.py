@@ -112,27 +112,19 @@ def plan(cfg) -> dict:
   import jax
   import numpy as np
 
-  from k2jax import model_config, optim, sharding, train_step
-  from k2jax.model import Transformer
+  from k2jax import sharding, train_step
 
   # Mesh, shardings and optimizer exactly as train.py builds them. Their checks raise
   # ValueError; only those become one-line errors (a failure while compiling is a bug: traceback).
   try:
     run_config.validate(cfg)
-    global_batch, seq_len = cfg.data.global_batch_size, cfg.data.seq_len
-    accum = cfg.optim.grad_accum_steps
-    fsdp = cfg.mesh.fsdp
-    model_cfg = model_config.from_config(cfg.model)
-    mesh = sharding.make_mesh(cfg.mesh)
-    batch_sharding = sharding.batch_sharding(mesh, (global_batch // accum, seq_len), fsdp)
-    sharding.check_activations(mesh, model_cfg, fsdp)
-    model = Transformer(model_cfg)
-    schedule = optim.make_schedule(cfg.optim, cfg.total_steps)
-    boxed = train_step.abstract_params(model, seq_len)
-    tx = optim.make_optimizer(cfg.optim, cfg.total_steps, train_step.weight_decay_mask(boxed))
-    abstract_state, state_sharding = train_step.state_shardings(mesh, tx, boxed, fsdp)
+    run = train_step.plan(cfg)
   except ValueError as error:
     raise PlanError(str(error)) from error
+  global_batch, seq_len = cfg.data.global_batch_size, cfg.data.seq_len
+  mesh, model_cfg, fsdp = run.mesh, run.model_cfg, cfg.mesh.fsdp
+  abstract_state, state_sharding, batch_sharding = (
+      run.abstract_state, run.state_sharding, run.batch_sharding)
   tokens_per_step = global_batch * seq_len
   flops_per_token = model_cfg.flops_per_token(seq_len)
 
@@ -147,10 +139,7 @@ def plan(cfg) -> dict:
                 for key in train_step.BATCH_KEYS}
 
   with sharding.activate(mesh, fsdp):
-    step_fn = jax.jit(train_step.make_train_step(model, tx, schedule, accum),
-                      in_shardings=(state_sharding, batch_sharding),
-                      out_shardings=(state_sharding, sharding.replicated(mesh)),
-                      donate_argnums=0)
+    step_fn = run.jit_train_step()
     start = time.perf_counter()
     lowered = step_fn.trace(state_args, batch_args).lower()
     lower_seconds = time.perf_counter() - start
@@ -185,7 +174,7 @@ def plan(cfg) -> dict:
       'param_count_non_embedding': model_cfg.param_count(include_embeddings=False),
       'seq_len': seq_len,
       'global_batch_size': global_batch,
-      'grad_accum_steps': accum,
+      'grad_accum_steps': run.accum_steps,
       'tokens_per_step': tokens_per_step,
       'flops_per_token': flops_per_token,
       'flops_per_step': flops_per_token * tokens_per_step,

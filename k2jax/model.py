@@ -12,7 +12,7 @@ from k2jax.attention import Attention
 from k2jax.layers import MLP, RMSNorm, constrain, weight
 from k2jax.model_config import ModelConfig
 
-RESIDUAL = ('activation_batch', 'activation_length', 'activation_embed')
+RESIDUAL = ('activation_batch', 'activation_residual_length', 'activation_embed')
 
 
 class Block(nn.Module):

@@ -62,6 +62,10 @@ def logical_rules(fsdp: bool) -> dict[str, Any]:
       # Activations.
       'activation_batch': 'data',
       'activation_length': 'sequence',
+      # Megatron's sequence parallelism: between attention and MLP the residual stream is
+      # also split along its length over `tensor`, instead of being copied on every tensor
+      # shard; XLA gathers it before the tensor-parallel matmuls and reduce-scatters after.
+      'activation_residual_length': ('sequence', 'tensor'),
       'activation_embed': None,
       'activation_heads': 'tensor',
       'activation_kv_heads': 'tensor',
@@ -82,13 +86,17 @@ def partition_spec(logical_axes, rules: dict[str, Any], what: str) -> PartitionS
 def check_divisible(shape, logical_axes, mesh: Mesh, rules: dict[str, Any], what: str):
   """Raises a ValueError naming the dimension and mesh axis that do not divide."""
   for dim, (size, name) in enumerate(zip(shape, logical_axes)):
-    axis = rules.get(name)
-    if axis is None:
+    axes = rules.get(name)
+    if axes is None:
       continue
-    axis_size = mesh.shape[axis]
+    axes = (axes,) if isinstance(axes, str) else axes
+    axis_size = math.prod(mesh.shape[axis] for axis in axes)
     if size % axis_size:
-      raise ValueError(f'{what}: dimension {dim} ({name}={size}) is not divisible by mesh axis '
-                       f'{axis!r} of size {axis_size}; change the model shape or mesh.{axis}')
+      label = (f'mesh axis {axes[0]!r}' if len(axes) == 1
+               else f'mesh axes {"×".join(axes)}')
+      raise ValueError(f'{what}: dimension {dim} ({name}={size}) is not divisible by {label} '
+                       f'of size {axis_size}; change the model shape or '
+                       f'{" / ".join("mesh." + axis for axis in axes)}')
 
 
 def _path_name(path) -> str:
@@ -120,10 +128,11 @@ def batch_sharding(mesh: Mesh, batch_shape, fsdp: bool = False) -> NamedSharding
   return NamedSharding(mesh, partition_spec(BATCH_AXES, rules, 'batch'))
 
 
-def check_activations(mesh: Mesh, model_cfg, fsdp: bool = False):
-  """Checks the model dims that activations shard (heads, kv heads, mlp, vocab)."""
+def check_activations(mesh: Mesh, model_cfg, seq_len: int, fsdp: bool = False):
+  """Checks the dims that activations shard (residual length, heads, kv heads, mlp, vocab)."""
   rules = logical_rules(fsdp)
-  for name, size in (('activation_heads', model_cfg.num_heads),
+  for name, size in (('activation_residual_length', seq_len),
+                     ('activation_heads', model_cfg.num_heads),
                      ('activation_kv_heads', model_cfg.num_kv_heads),
                      ('activation_mlp', model_cfg.ffn_size),
                      ('activation_vocab', model_cfg.vocab_size)):

@@ -32,42 +32,28 @@ def prepare(cfg, workdir: str) -> dict:
   import jax
 
   from data_pipeline import pipeline
-  from k2jax import model_config, optim, sharding, train_step
-  from k2jax.model import Transformer
+  from k2jax import model_config, train_step
 
   run_config.validate(cfg)
   if cfg.init_from:
     raise NotImplementedError('init_from: loading a previous stage needs the checkpoint '
                               'module, which is not written yet')
-  model_cfg = model_config.from_config(cfg.model)
+  vocab_size = model_config.from_config(cfg.model).vocab_size
   tokenizer = pipeline.tokenizer_for(cfg.data)
-  if tokenizer.vocab_size > model_cfg.vocab_size:
+  if tokenizer.vocab_size > vocab_size:
     raise ValueError(f'data.tokenizer {cfg.data.tokenizer} has {tokenizer.vocab_size} tokens, '
-                     f'more than model.vocab_size={model_cfg.vocab_size}')
-
-  mesh = sharding.make_mesh(cfg.mesh)
-  fsdp = cfg.mesh.fsdp
-  micro_batch = cfg.data.global_batch_size // cfg.optim.grad_accum_steps
-  batch_sharding = sharding.batch_sharding(mesh, (micro_batch, cfg.data.seq_len), fsdp)
-  sharding.check_activations(mesh, model_cfg, fsdp)
-
-  model = Transformer(model_cfg)
-  boxed = train_step.abstract_params(model, cfg.data.seq_len)
-  tx = optim.make_optimizer(cfg.optim, cfg.total_steps, train_step.weight_decay_mask(boxed))
-  _, state_sharding = train_step.state_shardings(mesh, tx, boxed, fsdp)
-
+                     f'more than model.vocab_size={vocab_size}')
+  plan = train_step.plan(cfg)
   process = dict(process_index=jax.process_index(), process_count=jax.process_count())
   train_batches = pipeline.build(cfg.data, seed=cfg.seed, split='train', **process)
   if cfg.eval_every:
     pipeline.build(cfg.data, seed=cfg.seed, split='eval', **process)  # fail now, not at eval
   os.makedirs(workdir, exist_ok=True)
-  return dict(cfg=cfg, workdir=workdir, model_cfg=model_cfg, mesh=mesh, model=model, tx=tx,
-              schedule=optim.make_schedule(cfg.optim, cfg.total_steps),
-              state_sharding=state_sharding, batch_sharding=batch_sharding,
-              train_batches=train_batches, process=process)
+  return dict(cfg=cfg, workdir=workdir, plan=plan, train_batches=train_batches,
+              process=process)
 
 
-def run(p: dict) -> list[dict]:
+def run(prepared: dict) -> list[dict]:
   """The training loop over a prepared run."""
   import jax
 
@@ -75,39 +61,35 @@ def run(p: dict) -> list[dict]:
   from k2jax import sharding, train_step
   from k2jax.monitor import Monitor
 
-  cfg, mesh, model, tx = p['cfg'], p['mesh'], p['model'], p['tx']
-  state_sharding, batch_sharding = p['state_sharding'], p['batch_sharding']
-  fsdp, accum = cfg.mesh.fsdp, cfg.optim.grad_accum_steps
+  cfg, plan = prepared['cfg'], prepared['plan']
+  mesh, model, model_cfg = plan.mesh, plan.model, plan.model_cfg
   global_batch, seq_len = cfg.data.global_batch_size, cfg.data.seq_len
-  monitor = Monitor(p['workdir'], cfg.total_steps, tokens_per_step=global_batch * seq_len)
+  monitor = Monitor(prepared['workdir'], cfg.total_steps, tokens_per_step=global_batch * seq_len)
   monitor.info(f'k2jax: {sharding.devices_summary()}; mesh {sharding.describe(mesh)}'
-               f'{" (fsdp)" if fsdp else ""}')
-  model_cfg = p['model_cfg']
+               f'{" (fsdp)" if cfg.mesh.fsdp else ""}')
   monitor.info(f'model {cfg.model.preset}: {model_cfg.param_count() / 1e6:,.1f}M parameters, '
                f'{model_cfg.num_layers} layers, remat {model_cfg.remat}, '
                f'attention {model_cfg.attention}, compute {model_cfg.dtype}')
   if jax.process_index() == 0:
-    with open(os.path.join(p['workdir'], 'config.json'), 'w') as f:
+    with open(os.path.join(prepared['workdir'], 'config.json'), 'w') as f:
       f.write(cfg.to_json_best_effort(indent=2))
 
-  with sharding.activate(mesh, fsdp):
-    init = jax.jit(train_step.make_init_fn(model, tx, seq_len), out_shardings=state_sharding)
+  with sharding.activate(mesh, cfg.mesh.fsdp):
+    init = jax.jit(train_step.make_init_fn(model, plan.tx, seq_len),
+                   out_shardings=plan.state_sharding)
     state = init(jax.random.key(cfg.seed))
-    step_fn = jax.jit(train_step.make_train_step(model, tx, p['schedule'], accum),
-                      in_shardings=(state_sharding, batch_sharding),
-                      out_shardings=(state_sharding, sharding.replicated(mesh)),
-                      donate_argnums=0)
+    step_fn = plan.jit_train_step()
     eval_fn = jax.jit(train_step.make_eval_step(model),
-                      in_shardings=(state_sharding.params, batch_sharding),
+                      in_shardings=(plan.state_sharding.params, plan.batch_sharding),
                       out_shardings=sharding.replicated(mesh))
 
     def to_global(local_batch):
-      return {key: sharding.host_array(mesh, batch_sharding, local_batch[key])
+      return {key: sharding.host_array(mesh, plan.batch_sharding, local_batch[key])
               for key in train_step.BATCH_KEYS}
 
     def evaluate(params):
       # A fresh iterator each time: every eval sees the same held-out batches.
-      batches = pipeline.build(cfg.data, seed=cfg.seed, split='eval', **p['process'])
+      batches = pipeline.build(cfg.data, seed=cfg.seed, split='eval', **prepared['process'])
       loss_sum = tokens = 0.0
       for _, local_batch in zip(range(cfg.eval_batches), batches):
         out = jax.device_get(eval_fn(params, to_global(local_batch)))
@@ -115,7 +97,7 @@ def run(p: dict) -> list[dict]:
         tokens += float(out['loss_tokens'])
       return loss_sum / max(tokens, 1.0)
 
-    batches = p['train_batches']
+    batches = prepared['train_batches']
     records = []
     pending = None  # (step, device metrics) of the step in flight
     step = start_step = int(state.step)

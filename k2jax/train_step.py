@@ -6,6 +6,7 @@ over `loss_mask`; gradient accumulation splits the batch into micro-batches and 
 gradients and token counts before dividing, so it equals the single-batch step.
 """
 
+import dataclasses
 from typing import Any, Callable
 
 import flax
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from k2jax import sharding
+from k2jax import model_config, optim, sharding
 from k2jax.model import Transformer
 
 BATCH_KEYS = ('inputs', 'targets', 'positions', 'segment_ids', 'loss_mask')
@@ -123,3 +124,45 @@ def make_eval_step(model: Transformer):
     loss, count = loss_sums(model, params, batch)
     return {'loss_sum': loss, 'loss_tokens': count}
   return eval_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What a run compiles: model, optimizer, mesh, and where every array lives."""
+  model_cfg: Any
+  model: Transformer
+  mesh: Any
+  tx: optax.GradientTransformation
+  schedule: Callable
+  abstract_state: TrainState
+  state_sharding: TrainState
+  batch_sharding: Any  # of one [batch, seq_len] input array
+  accum_steps: int
+
+  def jit_train_step(self):
+    """The jitted update: explicit shardings in and out, the old state's buffers donated."""
+    return jax.jit(make_train_step(self.model, self.tx, self.schedule, self.accum_steps),
+                   in_shardings=(self.state_sharding, self.batch_sharding),
+                   out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
+                   donate_argnums=0)
+
+
+def plan(cfg, devices=None) -> Plan:
+  """Builds the run's plan from a validated config; no device memory is touched.
+
+  Raises ValueError naming the key, dimension or mesh axis that does not fit.
+  """
+  model_cfg = model_config.from_config(cfg.model)
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  fsdp, seq_len = cfg.mesh.fsdp, cfg.data.seq_len
+  micro_batch = cfg.data.global_batch_size // cfg.optim.grad_accum_steps
+  batch_sharding = sharding.batch_sharding(mesh, (micro_batch, seq_len), fsdp)
+  sharding.check_activations(mesh, model_cfg, seq_len, fsdp)
+  model = Transformer(model_cfg)
+  boxed = abstract_params(model, seq_len)
+  tx = optim.make_optimizer(cfg.optim, cfg.total_steps, weight_decay_mask(boxed))
+  abstract_state, state_sharding = state_shardings(mesh, tx, boxed, fsdp)
+  return Plan(model_cfg=model_cfg, model=model, mesh=mesh, tx=tx,
+              schedule=optim.make_schedule(cfg.optim, cfg.total_steps),
+              abstract_state=abstract_state, state_sharding=state_sharding,
+              batch_sharding=batch_sharding, accum_steps=cfg.optim.grad_accum_steps)
