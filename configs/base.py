@@ -22,7 +22,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.log_every = 10  # steps between console / metrics.jsonl records
   c.eval_every = 500  # steps between held-out evals (0: never)
   c.eval_batches = 8  # batches per held-out eval
-  c.init_from = ''  # checkpoint of a previous stage to start from ('' = fresh init)
+  c.init_from = ''  # previous stage's workdir or step dir: its params start this stage ('' = fresh)
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 500  # steps between async saves, and one at the end of the run (0: off)
+  c.checkpoint.keep = 3  # newest checkpoints kept
+  c.checkpoint.keep_every = 0  # also keep every step divisible by this forever (0: none)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # data-parallel degree (-1: all devices left over)
@@ -91,6 +96,7 @@ def make_debug(c: ml_collections.ConfigDict, seq_len: int = 128, global_batch_si
   c.log_every = 10
   c.eval_every = 50
   c.eval_batches = 2
+  c.checkpoint.every = 50
   c.mesh.data = -1
   c.mesh.tensor = 1
   c.mesh.fsdp = False

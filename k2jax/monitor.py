@@ -6,6 +6,7 @@ Only process 0 writes. TensorBoard goes through tensorboardX, which needs no Ten
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -44,6 +45,30 @@ class Monitor:
     self._start_time = None
     self._last_time = None
     self._last_step = None
+
+  def drop_after(self, step: int):
+    """Forgets records of steps after `step` (a resumed run repeats them).
+
+    The records dropped are kept in `metrics.jsonl.<time>.bak`, and metrics.jsonl is rewritten
+    to a temp file and renamed over, so neither a crash nor a fresh start loses history.
+    """
+    if not self.is_writer:
+      return
+    path = self._jsonl.name
+    self._jsonl.close()
+    with open(path) as f:
+      all_lines = f.readlines()
+    lines = [line for line in all_lines if _step_of(line) is not None and _step_of(line) <= step]
+    if len(lines) == len(all_lines):
+      self._jsonl = open(path, 'a', buffering=1)
+      return
+    shutil.copy2(path, f'{path}.{time.strftime("%Y%m%d-%H%M%S")}.bak')
+    with open(path + '.tmp', 'w') as f:
+      f.writelines(lines)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(path + '.tmp', path)
+    self._jsonl = open(path, 'a', buffering=1)
 
   def start(self, step: int):
     """Marks the clock once the first step has compiled and run."""
@@ -104,6 +129,14 @@ class Monitor:
       self._jsonl.close()
     if self._tensorboard is not None:
       self._tensorboard.close()
+
+
+def _step_of(line: str) -> int | None:
+  """The step of a metrics.jsonl line; None for a line torn by a kill mid-write."""
+  try:
+    return json.loads(line).get('step')
+  except ValueError:
+    return None
 
 
 def _plain(value):

@@ -130,6 +130,11 @@ def validate(cfg) -> None:
   if cfg.data.global_batch_size % cfg.optim.grad_accum_steps:
     raise ValueError(f'data.global_batch_size={cfg.data.global_batch_size} is not divisible by '
                      f'optim.grad_accum_steps={cfg.optim.grad_accum_steps}')
+  for key, minimum in (('checkpoint.every', 0), ('checkpoint.keep', 1),
+                       ('checkpoint.keep_every', 0)):
+    value = _get(cfg, key) if has_key(cfg, key) else None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+      raise ValueError(f'{key} must be an integer >= {minimum}, got {value!r}')
   for axis in ('data', 'tensor', 'sequence'):
     value = cfg.mesh[axis]
     if not isinstance(value, int) or (value <= 0 and value != -1):

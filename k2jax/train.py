@@ -21,9 +21,12 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for metrics and check
 USER_ERRORS = (ValueError, FileNotFoundError, NotImplementedError)
 
 
-def train(cfg, workdir: str) -> list[dict]:
-  """Runs the stage described by `cfg`; returns the records written to metrics.jsonl."""
-  return run(prepare(cfg, workdir))
+def train(cfg, workdir: str, stop_after: int | None = None) -> list[dict]:
+  """Runs the stage described by `cfg`; returns the records written to metrics.jsonl.
+
+  `stop_after` ends the run early at that step (with a checkpoint), as a kill would: tests only.
+  """
+  return run(prepare(cfg, workdir), stop_after=stop_after)
 
 
 def prepare(cfg, workdir: str) -> dict:
@@ -32,37 +35,38 @@ def prepare(cfg, workdir: str) -> dict:
   import jax
 
   from data_pipeline import pipeline
-  from k2jax import model_config, train_step
+  from k2jax import checkpoint, model_config, train_step
 
   run_config.validate(cfg)
-  if cfg.init_from:
-    raise NotImplementedError('init_from: loading a previous stage needs the checkpoint '
-                              'module, which is not written yet')
   vocab_size = model_config.from_config(cfg.model).vocab_size
   tokenizer = pipeline.tokenizer_for(cfg.data)
   if tokenizer.vocab_size > vocab_size:
     raise ValueError(f'data.tokenizer {cfg.data.tokenizer} has {tokenizer.vocab_size} tokens, '
                      f'more than model.vocab_size={vocab_size}')
   plan = train_step.plan(cfg)
+  # A workdir with checkpoints resumes; init_from only starts a stage.
+  init_from = None
+  if cfg.init_from and not checkpoint.committed_steps(checkpoint.directory(workdir)):
+    init_from = checkpoint.resolve_step_dir(cfg.init_from)
+    checkpoint.check_params_fit(init_from, plan.abstract_state.params)
   process = dict(process_index=jax.process_index(), process_count=jax.process_count())
   train_batches = pipeline.build(cfg.data, seed=cfg.seed, split='train', **process)
   if cfg.eval_every:
     pipeline.build(cfg.data, seed=cfg.seed, split='eval', **process)  # fail now, not at eval
   os.makedirs(workdir, exist_ok=True)
   return dict(cfg=cfg, workdir=workdir, plan=plan, train_batches=train_batches,
-              process=process)
+              process=process, init_from=init_from)
 
 
-def run(prepared: dict) -> list[dict]:
+def run(prepared: dict, stop_after: int | None = None) -> list[dict]:
   """The training loop over a prepared run."""
   import jax
 
-  from data_pipeline import pipeline
-  from k2jax import sharding, train_step
+  from k2jax import checkpoint, sharding
   from k2jax.monitor import Monitor
 
   cfg, plan = prepared['cfg'], prepared['plan']
-  mesh, model, model_cfg = plan.mesh, plan.model, plan.model_cfg
+  mesh, model_cfg = plan.mesh, plan.model_cfg
   global_batch, seq_len = cfg.data.global_batch_size, cfg.data.seq_len
   monitor = Monitor(prepared['workdir'], cfg.total_steps, tokens_per_step=global_batch * seq_len)
   monitor.info(f'k2jax: {sharding.devices_summary()}; mesh {sharding.describe(mesh)}'
@@ -74,53 +78,99 @@ def run(prepared: dict) -> list[dict]:
     with open(os.path.join(prepared['workdir'], 'config.json'), 'w') as f:
       f.write(cfg.to_json_best_effort(indent=2))
 
-  with sharding.activate(mesh, cfg.mesh.fsdp):
-    init = jax.jit(train_step.make_init_fn(model, plan.tx, seq_len),
+  checkpoints = checkpoint.Checkpoints(prepared['workdir'], cfg)
+  try:
+    with sharding.activate(mesh, cfg.mesh.fsdp):
+      state = _restore_or_init(prepared, checkpoints, monitor)
+      records = _loop(prepared, state, checkpoints, monitor, stop_after)
+  finally:
+    checkpoints.close()
+  monitor.close()
+  return records
+
+
+def _restore_or_init(prepared, checkpoints, monitor):
+  """Resume from the workdir's newest good checkpoint ▸ init_from's parameters ▸ fresh init."""
+  import jax
+
+  from k2jax import checkpoint, train_step
+
+  cfg, plan = prepared['cfg'], prepared['plan']
+  state = checkpoints.restore_latest(plan, prepared['train_batches'], monitor.info)
+  if state is not None:
+    step = int(state.step)
+    monitor.info(f'resumed from {checkpoints.directory}/{step}')
+  elif prepared['init_from']:
+    params = checkpoint.load_params(prepared['init_from'], plan)
+    fresh = jax.jit(train_step.make_state_from_params(plan.tx),
+                    out_shardings=plan.state_sharding, donate_argnums=0)
+    state, step = fresh(params), 0
+    monitor.info(f'parameters from {prepared["init_from"]}; fresh optimizer at step 0')
+  else:
+    init = jax.jit(train_step.make_init_fn(plan.model, plan.tx, cfg.data.seq_len),
                    out_shardings=plan.state_sharding)
-    state = init(jax.random.key(cfg.seed))
-    step_fn = plan.jit_train_step()
-    eval_fn = jax.jit(train_step.make_eval_step(model),
-                      in_shardings=(plan.state_sharding.params, plan.batch_sharding),
-                      out_shardings=sharding.replicated(mesh))
+    state, step = init(jax.random.key(cfg.seed)), 0
+  monitor.drop_after(step)  # records past the restored step are about to be redone
+  return state
 
-    def to_global(local_batch):
-      return {key: sharding.host_array(mesh, plan.batch_sharding, local_batch[key])
-              for key in train_step.BATCH_KEYS}
 
-    def evaluate(params):
-      # A fresh iterator each time: every eval sees the same held-out batches.
-      batches = pipeline.build(cfg.data, seed=cfg.seed, split='eval', **prepared['process'])
-      loss_sum = tokens = 0.0
-      for _, local_batch in zip(range(cfg.eval_batches), batches):
-        out = jax.device_get(eval_fn(params, to_global(local_batch)))
-        loss_sum += float(out['loss_sum'])
-        tokens += float(out['loss_tokens'])
-      return loss_sum / max(tokens, 1.0)
+def _loop(prepared, state, checkpoints, monitor, stop_after) -> list[dict]:
+  """Trains from `state` to total_steps (or stop_after); saves as checkpoint.every says."""
+  import jax
 
-    batches = prepared['train_batches']
-    records = []
-    pending = None  # (step, device metrics) of the step in flight
-    step = start_step = int(state.step)
-    monitor.info(f'training steps {step + 1}..{cfg.total_steps}: '
-                 f'{global_batch} x {seq_len} tokens per step (first step compiles)')
-    while step < cfg.total_steps:
-      state, metrics = step_fn(state, to_global(next(batches)))
-      step += 1
-      if pending is not None:
-        records += _log(monitor, cfg, *pending)
-      pending = (step, metrics)
-      if step == start_step + 1:  # the clock starts after compilation
-        jax.block_until_ready(metrics)
-        monitor.start(step)
-      if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.total_steps):
-        records += _log(monitor, cfg, *pending)
-        pending = None
-        eval_start = time.perf_counter()
-        records.append(monitor.write(step, {'eval_loss': evaluate(state.params)}))
-        monitor.exclude(time.perf_counter() - eval_start)
+  from data_pipeline import pipeline
+  from k2jax import sharding, train_step
+
+  cfg, plan = prepared['cfg'], prepared['plan']
+  mesh, model = plan.mesh, plan.model
+  global_batch, seq_len = cfg.data.global_batch_size, cfg.data.seq_len
+  last_step = min(cfg.total_steps, stop_after or cfg.total_steps)
+  step_fn = plan.jit_train_step()
+  eval_fn = jax.jit(train_step.make_eval_step(model),
+                    in_shardings=(plan.state_sharding.params, plan.batch_sharding),
+                    out_shardings=sharding.replicated(mesh))
+
+  def to_global(local_batch):
+    return {key: sharding.host_array(mesh, plan.batch_sharding, local_batch[key])
+            for key in train_step.BATCH_KEYS}
+
+  def evaluate(params):
+    # A fresh iterator each time: every eval sees the same held-out batches.
+    batches = pipeline.build(cfg.data, seed=cfg.seed, split='eval', **prepared['process'])
+    loss_sum = tokens = 0.0
+    for _, local_batch in zip(range(cfg.eval_batches), batches):
+      out = jax.device_get(eval_fn(params, to_global(local_batch)))
+      loss_sum += float(out['loss_sum'])
+      tokens += float(out['loss_tokens'])
+    return loss_sum / max(tokens, 1.0)
+
+  batches = prepared['train_batches']
+  records = []
+  pending = None  # (step, device metrics) of the step in flight
+  step = start_step = int(state.step)
+  if step >= cfg.total_steps:
+    monitor.info(f'already at step {step} of {cfg.total_steps}: nothing to train')
+    return records
+  monitor.info(f'training steps {step + 1}..{cfg.total_steps}: '
+               f'{global_batch} x {seq_len} tokens per step (first step compiles)')
+  while step < last_step:
+    state, metrics = step_fn(state, to_global(next(batches)))
+    step += 1
+    checkpoints.save(step, state, batches, final=step == last_step)
     if pending is not None:
       records += _log(monitor, cfg, *pending)
-  monitor.close()
+    pending = (step, metrics)
+    if step == start_step + 1:  # the clock starts after compilation
+      jax.block_until_ready(metrics)
+      monitor.start(step)
+    if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.total_steps):
+      records += _log(monitor, cfg, *pending)
+      pending = None
+      eval_start = time.perf_counter()
+      records.append(monitor.write(step, {'eval_loss': evaluate(state.params)}))
+      monitor.exclude(time.perf_counter() - eval_start)
+  if pending is not None:
+    records += _log(monitor, cfg, *pending)
   return records
 
 

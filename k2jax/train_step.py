@@ -64,6 +64,13 @@ def make_init_fn(model: Transformer, tx: optax.GradientTransformation, seq_len: 
   return init
 
 
+def make_state_from_params(tx: optax.GradientTransformation):
+  """A fresh stage from given parameters: step 0, a new optimizer state (`init_from`)."""
+  def state_from_params(params):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  return state_from_params
+
+
 def loss_sums(model: Transformer, params, batch):
   """(sum of masked token losses, number of loss tokens), both float32."""
   logits_BxLxV = model.apply({'params': params}, batch['inputs'], batch['positions'],

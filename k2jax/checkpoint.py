@@ -1,0 +1,212 @@
+"""Checkpoints on Orbax: async saves, keep policy, resume with fallback, `init_from`.
+
+Layout: `<workdir>/checkpoints/<step>/` holds one item per directory:
+
+  params/      the parameters (OCDBT arrays; what `init_from` and conversion read)
+  opt_state/   the optimizer state (Adam moments, counters)
+  data/        the Grain iterator's get_state(), one JSON file per process
+  config/      the resolved run config (JSON)
+  meta/        step, total_steps, process count, time (JSON)
+
+and `<workdir>/checkpoints/damaged/<step>-<time>/` holds steps that failed to restore.
+
+Orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it when every item is
+written, so a save killed half-way leaves only a temp directory, which the step listing
+ignores and the next manager removes. Arrays are always restored onto the plan's shardings
+from abstract arrays: nothing is materialized unsharded.
+"""
+
+import json
+import os
+import time
+
+import grain
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from k2jax.train_step import TrainState
+
+SUBDIR = 'checkpoints'
+ITEMS = ('params', 'opt_state', 'data', 'config', 'meta')
+DAMAGED = 'damaged'  # where steps that failed to restore are moved
+
+
+def directory(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), SUBDIR)
+
+
+def committed_steps(checkpoint_dir: str) -> list[int]:
+  """Steps whose save completed, oldest first (temp directories are not steps)."""
+  if not os.path.isdir(checkpoint_dir):
+    return []
+  manager = ocp.CheckpointManager(checkpoint_dir,
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  steps = sorted(manager.all_steps())
+  manager.close()
+  return steps
+
+
+class _DataState:
+  """The iterator's state taken when the step is saved, not when Grain's handler runs."""
+
+  def __init__(self, state: dict):
+    self._json = json.dumps(state, indent=1).encode()
+
+  def get_state(self) -> bytes:  # Grain's handler writes non-iterator states as bytes
+    return self._json
+
+
+def _with_shardings(abstract_tree, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract_tree, shardings)
+
+
+def _short(error: Exception) -> str:
+  lines = str(error).strip().splitlines()
+  text = lines[0] if lines else ''
+  return f'{type(error).__name__}: {text[:300]}'
+
+
+class Checkpoints:
+  """The run's checkpoint manager: `save` every `checkpoint.every` steps, `restore_latest`."""
+
+  def __init__(self, workdir: str, cfg):
+    ckpt = cfg.checkpoint
+    self.every = ckpt.every
+    self.directory = directory(workdir)
+    keep = [policies.LatestN(ckpt.keep)]
+    if ckpt.keep_every:  # permanent milestones, never deleted by LatestN
+      keep.append(policies.EveryNSteps(ckpt.keep_every))
+    options = ocp.CheckpointManagerOptions(
+        save_decision_policy=policies.FixedIntervalPolicy(ckpt.every) if ckpt.every else None,
+        preservation_policy=policies.AnyPreservationPolicy(keep),
+        cleanup_tmp_directories=True,  # leftovers of saves killed half-way
+        enable_async_checkpointing=True,
+        create=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._config = json.loads(cfg.to_json_best_effort())
+    self._total_steps = cfg.total_steps
+
+  def steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, state: TrainState, batches, *, final: bool = False) -> bool:
+    """Starts an async save of `state` (after `step` updates) if one is due; True if started.
+
+    Returns once the arrays are copied off the devices, so `state` may be donated next.
+    """
+    if not self.every:
+      return False
+    if not (final or self._manager.should_save(step)) or step in self._manager.all_steps():
+      return False
+    meta = dict(step=step, total_steps=self._total_steps, time=time.time(),
+                process_count=jax.process_count())
+    args = ocp.args.Composite(
+        params=ocp.args.StandardSave(state.params),
+        opt_state=ocp.args.StandardSave(state.opt_state),
+        data=grain.checkpoint.CheckpointSave(_DataState(batches.get_state())),
+        config=ocp.args.JsonSave(self._config),
+        meta=ocp.args.JsonSave(meta))
+    return self._manager.save(step, args=args, force=True)
+
+  def restore(self, step: int, plan, batches) -> TrainState:
+    """The state saved at `step`, on `plan`'s shardings; sets `batches` to its position."""
+    target = plan.abstract_state
+    shardings = plan.state_sharding
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(_with_shardings(target.params, shardings.params)),
+        opt_state=ocp.args.StandardRestore(
+            _with_shardings(target.opt_state, shardings.opt_state)),
+        data=grain.checkpoint.CheckpointRestore(batches),
+        meta=ocp.args.JsonRestore()))
+    if restored.meta['step'] != step:
+      raise ValueError(f'meta says step {restored.meta["step"]}, directory says {step}')
+    step_array = jax.device_put(jnp.asarray(step, jnp.int32), shardings.step)
+    return TrainState(step=step_array, params=restored.params, opt_state=restored.opt_state)
+
+  def restore_latest(self, plan, batches, warn) -> TrainState | None:
+    """The newest checkpoint that restores, falling back to older ones; None if there is none.
+
+    Each checkpoint that fails is reported through `warn` with its step and the error.
+    """
+    steps = self.steps()[::-1]
+    for i, step in enumerate(steps):
+      try:
+        state = self.restore(step, plan, batches)
+      except Exception as error:  # a damaged step: whatever Orbax or Grain raised
+        fallback = f'falling back to step {steps[i + 1]}' if i + 1 < len(steps) else \
+            'no older checkpoint left'
+        warn(f'warning: checkpoint step {step} in {self.directory} failed to restore '
+             f'({_short(error)}); {fallback}')
+        continue
+      for damaged in steps[:i]:
+        self._set_aside(damaged, warn)
+      return state
+    if steps:
+      raise ValueError(f'none of the checkpoints in {self.directory} (steps {steps[::-1]}) '
+                       f'could be restored; move the directory away to start afresh')
+    return None
+
+  def _set_aside(self, step: int, warn):
+    """Moves a damaged step out of the listing (kept for a post-mortem), so that the run
+    can save that step again."""
+    aside = os.path.join(self.directory, DAMAGED, f'{step}-{int(time.time())}')
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(aside), exist_ok=True)
+      os.rename(os.path.join(self.directory, str(step)), aside)
+      warn(f'warning: moved the damaged step {step} to {aside}')
+    self._manager.reload()
+
+  def close(self):
+    """Waits for the save in flight (the only place the loop waits for one)."""
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+# --- init_from: the parameters of another run ---------------------------------------------
+
+def resolve_step_dir(path: str) -> str:
+  """A run's workdir or checkpoints directory (its newest step), or a step directory."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if os.path.isdir(os.path.join(path, 'params')):
+    return path
+  for candidate in (os.path.join(path, SUBDIR), path):
+    steps = committed_steps(candidate)
+    if steps:
+      return os.path.join(candidate, str(steps[-1]))
+  raise FileNotFoundError(f'init_from={path!r} is neither a step directory (with params/) '
+                          f'nor a workdir or checkpoints directory with a committed step')
+
+
+def _path_name(key_path) -> str:
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in key_path)
+
+
+def check_params_fit(step_dir: str, abstract_params) -> None:
+  """Raises ValueError naming the first parameter whose shape differs (or that is missing)."""
+  saved = ocp.StandardCheckpointer().metadata(os.path.join(step_dir, 'params')).item_metadata
+  saved_shapes = {_path_name(p): tuple(m.shape)
+                  for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]}
+  if not saved_shapes:
+    raise ValueError(f'init_from {step_dir}: params/ lists no parameters (damaged?)')
+  wanted = {_path_name(p): tuple(a.shape)
+            for p, a in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+  for name, shape in wanted.items():
+    if name not in saved_shapes:
+      raise ValueError(f'init_from {step_dir}: parameter {name} is not in the checkpoint')
+    if saved_shapes[name] != shape:
+      raise ValueError(f'init_from {step_dir}: parameter {name} has shape {saved_shapes[name]} '
+                       f'in the checkpoint but {shape} in this model')
+  extra = sorted(set(saved_shapes) - set(wanted))
+  if extra:
+    raise ValueError(f'init_from {step_dir}: checkpoint parameter {extra[0]} is not in this '
+                     f'model ({len(extra)} such)')
+
+
+def load_params(step_dir: str, plan):
+  """The parameters saved in `step_dir`, restored straight onto `plan`'s shardings."""
+  target = _with_shardings(plan.abstract_state.params, plan.state_sharding.params)
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.restore(os.path.join(step_dir, 'params'), target)

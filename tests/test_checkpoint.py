@@ -1,0 +1,204 @@
+"""Checkpoints: resume is bit-identical, damaged steps fall back, init_from hands a stage over."""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from k2jax import checkpoint, run_config, train, train_step
+from tests.conftest import REPO
+
+TOTAL_STEPS = 10
+# The numbers that must not change across a restart (throughput and ETA may).
+EXACT = ('loss', 'grad_norm', 'update_norm', 'param_norm', 'learning_rate', 'loss_tokens')
+SMALL = dict(total_steps=TOTAL_STEPS, log_every=1, eval_every=0)
+SMALL_FLAGS = ('--config.model.num_layers=2', '--config.data.seq_len=64',
+               '--config.data.global_batch_size=8', f'--config.total_steps={TOTAL_STEPS}',
+               '--config.log_every=1', '--config.eval_every=0', '--config.checkpoint.every=2',
+               '--config.checkpoint.keep=2', '--config.checkpoint.keep_every=4')
+
+
+def small_config(**overrides):
+  """The debug pre-training stage, shrunk: 2 layers, 8 x 64 tokens, a save every 2 steps."""
+  cfg = run_config.load(os.path.join(REPO, 'configs/pretrain.py:debug'))
+  cfg.model.num_layers = 2
+  cfg.data.seq_len = 64
+  cfg.data.global_batch_size = 8
+  cfg.checkpoint.every = 2
+  cfg.checkpoint.keep = 2
+  cfg.checkpoint.keep_every = 4
+  for key, value in {**SMALL, **overrides}.items():
+    node = cfg
+    *parents, leaf = key.split('.')
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return cfg
+
+
+def exact(records):
+  return [(r['step'], *(r[k] for k in EXACT)) for r in records if 'loss' in r]
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def saved_params(workdir, step, cfg):
+  plan = train_step.plan(cfg)
+  return jax.device_get(checkpoint.load_params(
+      os.path.join(checkpoint.directory(workdir), str(step)), plan))
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  """Run A: TOTAL_STEPS steps in one go."""
+  workdir = str(tmp_path_factory.mktemp('uninterrupted'))
+  return workdir, train.train(small_config(), workdir)
+
+
+def test_layout_and_keep_policy(uninterrupted):
+  workdir, records = uninterrupted
+  ckpt_dir = checkpoint.directory(workdir)
+  # Saves at 2, 4, ..., 10; keep the newest 2 and every multiple of 4.
+  assert checkpoint.committed_steps(ckpt_dir) == [4, 8, 10]
+  step_dir = os.path.join(ckpt_dir, '10')
+  for item in checkpoint.ITEMS:
+    assert os.path.isdir(os.path.join(step_dir, item)), item
+  assert json.load(open(os.path.join(step_dir, 'data', 'process_0-of-1.json')))
+  assert not glob.glob(os.path.join(ckpt_dir, '*tmp*'))
+  assert [r['step'] for r in records] == list(range(1, TOTAL_STEPS + 1))
+
+
+def test_resume_is_bit_identical(uninterrupted, tmp_path, capsys):
+  reference_dir, reference = uninterrupted
+  cfg = small_config()
+  workdir = str(tmp_path)
+  first = train.train(cfg, workdir, stop_after=7)  # as if killed after step 7
+  assert checkpoint.committed_steps(checkpoint.directory(workdir))[-1] == 7
+  second = train.train(small_config(), workdir)
+  assert [r['step'] for r in second] == list(range(8, TOTAL_STEPS + 1))
+  assert exact(first + second) == exact(reference)
+  assert exact(read_metrics(workdir)) == exact(reference)
+  assert checkpoint.committed_steps(checkpoint.directory(workdir)) == [4, 8, 10]
+  ours, theirs = saved_params(workdir, 10, cfg), saved_params(reference_dir, 10, cfg)
+  jax.tree.map(np.testing.assert_array_equal, ours, theirs)
+
+  capsys.readouterr()
+  assert train.train(small_config(), workdir) == []
+  assert f'already at step {TOTAL_STEPS} of {TOTAL_STEPS}' in capsys.readouterr().out
+
+
+def _truncate_arrays(step_dir):
+  for path in glob.glob(os.path.join(step_dir, 'params', 'ocdbt.process_0', 'd', '*')):
+    with open(path, 'r+b') as f:
+      f.truncate(16)
+
+
+def _delete_data_state(step_dir):
+  os.remove(os.path.join(step_dir, 'data', 'process_0-of-1.json'))
+
+
+@pytest.mark.parametrize('damage', [_truncate_arrays, _delete_data_state])
+def test_damaged_newest_checkpoint_falls_back(damage, uninterrupted, tmp_path, capsys):
+  reference_dir, reference = uninterrupted
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(reference_dir, workdir)
+  damage(os.path.join(checkpoint.directory(workdir), '10'))
+
+  capsys.readouterr()
+  records = train.train(small_config(), workdir)
+  out = capsys.readouterr().out
+  assert 'warning: checkpoint step 10' in out and 'falling back to step 8' in out, out
+  assert exact(records) == exact(reference)[8:]
+  assert exact(read_metrics(workdir)) == exact(reference)
+  # The damaged step is set aside, and the run saved step 10 again.
+  assert glob.glob(os.path.join(checkpoint.directory(workdir), 'damaged', '10-*'))
+  assert checkpoint.committed_steps(checkpoint.directory(workdir)) == [4, 8, 10]
+
+
+def test_uncommitted_save_is_not_a_step(uninterrupted, tmp_path):
+  """A save killed before its rename leaves `<step>.orbax-checkpoint-tmp`: never listed."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(uninterrupted[0], workdir)
+  ckpt_dir = checkpoint.directory(workdir)
+  partial = os.path.join(ckpt_dir, '12.orbax-checkpoint-tmp')
+  shutil.copytree(os.path.join(ckpt_dir, '10'), partial)
+  assert checkpoint.committed_steps(ckpt_dir) == [4, 8, 10]
+  os.remove(os.path.join(partial, 'commit_success.txt'))
+  # A run's manager removes the leftover, in the background (awaited by its first save).
+  checkpoints = checkpoint.Checkpoints(workdir, small_config())
+  deadline = time.time() + 30
+  while os.path.exists(partial) and time.time() < deadline:
+    time.sleep(0.1)
+  checkpoints.close()
+  assert not os.path.exists(partial)
+  assert checkpoint.committed_steps(ckpt_dir) == [4, 8, 10]
+
+
+def test_init_from_hands_over_with_a_new_rope_and_length(uninterrupted, tmp_path, capsys):
+  source_dir, _ = uninterrupted
+  cfg = small_config(total_steps=3, init_from=source_dir, **{'optim.warmup_steps': 2})
+  cfg.model.rope_base = 1e6  # not a parameter: the new stage's value just applies
+  cfg.data.seq_len = 128
+  prepared = train.prepare(cfg, str(tmp_path))
+  assert prepared['init_from'] == os.path.join(checkpoint.directory(source_dir), '10')
+  params = checkpoint.load_params(prepared['init_from'], prepared['plan'])
+  for array, sharding in zip(jax.tree.leaves(params),
+                             jax.tree.leaves(prepared['plan'].state_sharding.params)):
+    assert array.sharding == sharding
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(params),
+               saved_params(source_dir, 10, small_config()))
+
+  capsys.readouterr()
+  records = train.run(prepared)
+  assert 'parameters from' in capsys.readouterr().out
+  assert [r['step'] for r in records] == [1, 2, 3]
+  assert records[0]['learning_rate'] == 0.0  # the new stage's warmup, from its step 0
+  # Trained parameters: far below a fresh model's ~ln(2048) = 7.6.
+  assert records[0]['loss'] < 7.0, records[0]
+
+
+def test_init_from_shape_mismatch_names_the_parameter(uninterrupted, tmp_path):
+  step_dir = os.path.join(checkpoint.directory(uninterrupted[0]), '8')
+  cfg = small_config(init_from=step_dir)
+  cfg.model.num_layers = 3
+  with pytest.raises(ValueError, match=r'parameter layers/\S+ has shape \(2, .*\) in the '
+                                       r'checkpoint but \(3, .*\) in this model'):
+    train.prepare(cfg, str(tmp_path))
+
+
+def test_killed_run_resumes_to_the_same_losses(uninterrupted, tmp_path):
+  """SIGKILL after the first checkpoint, restart: metrics.jsonl as if never interrupted."""
+  _, reference = uninterrupted
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  command = [sys.executable, '-m', 'k2jax.train', '--config=configs/pretrain.py:debug',
+             f'--workdir={tmp_path}', *SMALL_FLAGS]
+  ckpt_dir = checkpoint.directory(str(tmp_path))
+  process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 300
+    while not checkpoint.committed_steps(ckpt_dir) and time.time() < deadline:
+      assert process.poll() is None, 'the run ended before its first checkpoint'
+      time.sleep(0.05)
+  finally:
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+  killed_at = checkpoint.committed_steps(ckpt_dir)
+  assert killed_at and killed_at[-1] < TOTAL_STEPS, killed_at
+
+  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr
+  assert 'resumed from' in result.stdout, result.stdout
+  assert exact(read_metrics(str(tmp_path))) == exact(reference)
