@@ -119,7 +119,7 @@ def _loop(prepared, state, checkpoints, monitor, stop_after) -> list[dict]:
   import jax
 
   from data_pipeline import pipeline
-  from k2jax import sharding, train_step
+  from k2jax import preemption, sharding, train_step
 
   cfg, plan = prepared['cfg'], prepared['plan']
   mesh, model = plan.mesh, plan.model
@@ -153,22 +153,29 @@ def _loop(prepared, state, checkpoints, monitor, stop_after) -> list[dict]:
     return records
   monitor.info(f'training steps {step + 1}..{cfg.total_steps}: '
                f'{global_batch} x {seq_len} tokens per step (first step compiles)')
-  while step < last_step:
-    state, metrics = step_fn(state, to_global(next(batches)))
-    step += 1
-    checkpoints.save(step, state, batches, final=step == last_step)
-    if pending is not None:
-      records += _log(monitor, cfg, *pending)
-    pending = (step, metrics)
-    if step == start_step + 1:  # the clock starts after compilation
-      jax.block_until_ready(metrics)
-      monitor.start(step)
-    if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.total_steps):
-      records += _log(monitor, cfg, *pending)
-      pending = None
-      eval_start = time.perf_counter()
-      records.append(monitor.write(step, {'eval_loss': evaluate(state.params)}))
-      monitor.exclude(time.perf_counter() - eval_start)
+  with preemption.StopRequests(monitor.info) as stops:
+    while step < last_step:
+      state, metrics = step_fn(state, to_global(next(batches)))
+      step += 1
+      stopping = stops.should_stop(step)
+      checkpoints.save(step, state, batches, final=stopping or step == last_step)
+      if pending is not None:
+        records += _log(monitor, cfg, *pending)
+      pending = (step, metrics)
+      if step == start_step + 1:  # the clock starts after compilation
+        jax.block_until_ready(metrics)
+        monitor.start(step)
+      if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.total_steps):
+        records += _log(monitor, cfg, *pending)
+        pending = None
+        eval_start = time.perf_counter()
+        records.append(monitor.write(step, {'eval_loss': evaluate(state.params)}))
+        monitor.exclude(time.perf_counter() - eval_start)
+      if stopping:
+        saved = 'checkpoint saved' if checkpoints.every else 'not saved (checkpoint.every=0)'
+        monitor.info(f'stopped at step {step} of {cfg.total_steps}, {saved}; '
+                     'start the same command again to continue')
+        break
   if pending is not None:
     records += _log(monitor, cfg, *pending)
   return records

@@ -202,3 +202,33 @@ def test_killed_run_resumes_to_the_same_losses(uninterrupted, tmp_path):
   assert result.returncode == 0, result.stderr
   assert 'resumed from' in result.stdout, result.stdout
   assert exact(read_metrics(str(tmp_path))) == exact(reference)
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint(uninterrupted, tmp_path):
+  """Preemption: SIGTERM -> finish the step, save it, exit 0; the restart loses nothing."""
+  _, reference = uninterrupted
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  command = [sys.executable, '-m', 'k2jax.train', '--config=configs/pretrain.py:debug',
+             f'--workdir={tmp_path}', *SMALL_FLAGS]
+  ckpt_dir = checkpoint.directory(str(tmp_path))
+  process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while not checkpoint.committed_steps(ckpt_dir) and time.time() < deadline:
+    assert process.poll() is None, 'the run ended before its first checkpoint'
+    time.sleep(0.05)
+  process.send_signal(signal.SIGTERM)
+  stdout, stderr = process.communicate(timeout=300)
+  assert process.returncode == 0, stderr
+  assert 'SIGTERM received' in stdout, stdout
+  stopped = [line for line in stdout.splitlines() if line.startswith('stopped at step')]
+  assert stopped, stdout
+  stopped_at = int(stopped[0].split()[3])
+  assert stopped_at < TOTAL_STEPS
+  assert checkpoint.committed_steps(ckpt_dir)[-1] == stopped_at  # saved at the stop itself
+
+  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr
+  assert f'resumed from {ckpt_dir}/{stopped_at}' in result.stdout, result.stdout
+  assert exact(read_metrics(str(tmp_path))) == exact(reference)
