@@ -20,14 +20,19 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# K2-V2's proportions (FFN 3.5x hidden, head dim 64 here, GQA) at ~29M parameters, the
-# smallest K2-like shape that keeps hidden 512 / 6 layers / vocab 8192.
+# K2-V2's proportions (FFN 3.5x hidden, GQA, untied head) scaled down: 28.8M parameters, the
+# smallest with hidden 512, at least 6 layers and a vocab of at least 8192 (20.5M body + 8.4M
+# embedding and head).
 SHAPE = dict(vocab_size=8192, hidden_size=512, ffn_size=1792, num_layers=6, num_heads=8,
              num_kv_heads=2, head_dim=64)
 ROPE_BASE = 5e5
 NORM_EPS = 1e-5
 # Optimizer hyperparameters shared by both sides (configs/base.py's, at a constant lr).
 LR, B1, B2, EPS, WEIGHT_DECAY, CLIP = 3e-4, 0.9, 0.95, 1e-8, 0.05, 1.0
+# torch.optim.AdamW's implementations; clip + update of these parameters on 2 threads took
+# 42 ms fused, 107 ms for-loop, 134 ms foreach, so the baseline gets the fused one.
+ADAMW_MODES = {'fused': dict(fused=True), 'forloop': dict(foreach=False),
+               'foreach': dict(foreach=True)}
 
 
 def make_tokens(args):
@@ -50,14 +55,32 @@ def eigen_pool_threads() -> int:
   return count
 
 
-def time_steps(run_steps, args):
-  """Median seconds per step over `reps` repetitions of `steps` steps each."""
+def busy_cpu_seconds() -> float:
+  """CPU seconds every process on the machine has used (from /proc/stat)."""
+  with open('/proc/stat') as f:
+    fields = [int(x) for x in f.readline().split()[1:]]
+  user, nice, system, _, _, irq, softirq, steal = fields[:8]
+  return (user + nice + system + irq + softirq + steal) / os.sysconf('SC_CLK_TCK')
+
+
+def time_steps(run_steps, args) -> dict:
+  """Seconds per step of `reps` repetitions of `steps` steps, and how busy the CPU was.
+
+  `own_cpu` is this process's CPU time over wall time x threads (about 1 when its threads
+  ran undisturbed); `other_cores` is how many cores other processes kept busy meanwhile. A
+  shared machine distorts the comparison: a descheduled OpenMP thread stalls torch's
+  parallel regions far more than XLA's task pool, so report numbers only when it is ~0.
+  """
   per_step = []
+  wall, own, busy = time.perf_counter(), sum(os.times()[:2]), busy_cpu_seconds()
   for _ in range(args.reps):
     start = time.perf_counter()
     run_steps(args.steps)
     per_step.append((time.perf_counter() - start) / args.steps)
-  return statistics.median(per_step), per_step
+  wall, own = time.perf_counter() - wall, sum(os.times()[:2]) - own
+  return dict(median_s=statistics.median(per_step), all_s=per_step,
+              own_cpu=own / (wall * args.threads),
+              other_cores=max(0.0, busy_cpu_seconds() - busy - own) / wall)
 
 
 def block_step_flops(model_cfg, args) -> float:
@@ -147,9 +170,9 @@ def run_k2jax(args) -> dict:
 
     run_steps(args.warmup)
     loss_after_warmup = float(holder[1]['loss'])
-    median_s, all_s = time_steps(run_steps, args)
+    timing = time_steps(run_steps, args)
   return dict(framework='k2jax', params=params, param_count_cfg=model_cfg.param_count(),
-              median_s=median_s, all_s=all_s, compile_s=compile_s,
+              **timing, compile_s=compile_s,
               xla_flops=float(cost.get('flops', 0.0)), block_flops=block_flops,
               xla_bytes=float(cost.get('bytes accessed', 0.0)),
               model_flops=model_cfg.flops_per_token(args.seq_len) * args.batch * args.seq_len,
@@ -183,7 +206,7 @@ def run_hf(args) -> dict:
   no_decay = [p for p in model.parameters() if p.ndim < 2]
   opt = torch.optim.AdamW([{'params': decay, 'weight_decay': WEIGHT_DECAY},
                            {'params': no_decay, 'weight_decay': 0.0}],
-                          lr=LR, betas=(B1, B2), eps=EPS, foreach=bool(args.hf_foreach))
+                          lr=LR, betas=(B1, B2), eps=EPS, **ADAMW_MODES[args.hf_adamw])
 
   inputs, targets = make_tokens(args)
   inputs = torch.from_numpy(inputs).long()
@@ -205,12 +228,12 @@ def run_hf(args) -> dict:
     losses.append(loss.item())  # torch CPU is synchronous; .item() is free
 
   run_steps(args.warmup)
-  median_s, all_s = time_steps(run_steps, args)
-  return dict(framework='hf', params=params, median_s=median_s, all_s=all_s, loss=losses[0],
+  timing = time_steps(run_steps, args)
+  return dict(framework='hf', params=params, **timing, loss=losses[0],
               attn=model.config._attn_implementation,
               threads=f'torch.get_num_threads()={torch.get_num_threads()}',
               versions=f'torch {torch.__version__}, transformers {transformers.__version__}',
-              optimizer=f'AdamW(foreach={bool(args.hf_foreach)})')
+              optimizer=f'AdamW({args.hf_adamw})')
 
 
 def worker_env(args, framework: str) -> dict:
@@ -255,17 +278,21 @@ def report(args, jx: dict, hf: dict):
   print(f'threads: {args.threads} per framework; k2jax {jx["threads"]}; HF {hf["threads"]}')
   print(f'timing: {args.warmup} warmup step(s) excluded (k2jax compiled before), median of '
         f'{args.reps} reps x {args.steps} steps; {jx["versions"]}; {hf["versions"]}')
-  print(f'1-min load average when each started: k2jax {jx["loadavg"]:.2f}, HF {hf["loadavg"]:.2f} '
-        f'on {os.cpu_count()} cores (above ~{args.threads}: other processes share the CPU)')
   print()
   print(f'{"framework":<24}{"params":>12}{"tokens/s":>10}{"ms/step":>9}{"best ms":>9}'
-        f'  ms/step of each rep')
+        f'{"own cpu":>9}{"others":>8}  ms/step of each rep')
   for name, r in (('k2jax (XLA:CPU)', jx), ('HF Llama + torch AdamW', hf)):
     reps = ' '.join(f'{t * 1e3:.0f}' for t in r['all_s'])
     print(f'{name:<24}{r["params"]:>12,}{tokens / r["median_s"]:>10,.0f}'
-          f'{r["median_s"] * 1e3:>9.0f}{min(r["all_s"]) * 1e3:>9.0f}  {reps}')
+          f'{r["median_s"] * 1e3:>9.0f}{min(r["all_s"]) * 1e3:>9.0f}'
+          f'{r["own_cpu"]:>9.0%}{r["other_cores"]:>8.2f}  {reps}')
+  print(f'(own cpu: CPU time / (wall x {args.threads} threads); others: cores that other '
+        f'processes kept busy during the timed steps)')
   print(f'\nratio k2jax / HF tokens/s: {hf["median_s"] / jx["median_s"]:.2f}x (median), '
         f'{min(hf["all_s"]) / min(jx["all_s"]):.2f}x (best rep)')
+  if max(jx['other_cores'], hf['other_cores']) > 0.2:
+    print('WARNING: other processes were using the CPU; these timings are distorted (torch '
+          'suffers most) - rerun on an idle machine')
   if jx['params'] != hf['params']:
     print(f'WARNING: parameter counts differ ({jx["params"]:,} vs {hf["params"]:,})')
   print(f'loss after warmup: k2jax {jx["loss"]:.4f}, HF {hf["loss"]:.4f} '
@@ -288,16 +315,17 @@ def main():
   parser.add_argument('--seq_len', type=int, default=256)
   parser.add_argument('--threads', type=int, default=len(os.sched_getaffinity(0)))
   parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--hf_foreach', type=int, default=1,
-                      help='torch AdamW foreach (1, its fastest CPU mode here) or for-loop (0)')
+  parser.add_argument('--hf_adamw', choices=tuple(ADAMW_MODES), default='fused',
+                      help='torch AdamW implementation (fused: its fastest on CPU here)')
   parser.add_argument('--only', choices=('k2jax', 'hf'), default=None, help='run one side')
   parser.add_argument('--worker', choices=('k2jax', 'hf'), default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
 
   if args.worker:
-    loadavg = os.getloadavg()[0]
+    # Both frameworks on the same cores; threads created later inherit the mask.
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
     result = run_k2jax(args) if args.worker == 'k2jax' else run_hf(args)
-    print(json.dumps({**result, 'loadavg': loadavg}))
+    print(json.dumps(result))
     return
 
   results = {}
