@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from k2jax.sharding import path_name
 from k2jax.train_step import TrainState
 
 SUBDIR = 'checkpoints'
@@ -180,18 +181,14 @@ def resolve_step_dir(path: str) -> str:
                           f'nor a workdir or checkpoints directory with a committed step')
 
 
-def _path_name(key_path) -> str:
-  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in key_path)
-
-
 def check_params_fit(step_dir: str, abstract_params) -> None:
   """Raises ValueError naming the first parameter whose shape differs (or that is missing)."""
   saved = ocp.StandardCheckpointer().metadata(os.path.join(step_dir, 'params')).item_metadata
-  saved_shapes = {_path_name(p): tuple(m.shape)
+  saved_shapes = {path_name(p): tuple(m.shape)
                   for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]}
   if not saved_shapes:
     raise ValueError(f'init_from {step_dir}: params/ lists no parameters (damaged?)')
-  wanted = {_path_name(p): tuple(a.shape)
+  wanted = {path_name(p): tuple(a.shape)
             for p, a in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
   for name, shape in wanted.items():
     if name not in saved_shapes:

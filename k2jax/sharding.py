@@ -99,7 +99,8 @@ def check_divisible(shape, logical_axes, mesh: Mesh, rules: dict[str, Any], what
                        f'{" / ".join("mesh." + axis for axis in axes)}')
 
 
-def _path_name(path) -> str:
+def path_name(path) -> str:
+  """'layers/attention/q' for a pytree key path."""
   return '/'.join(str(getattr(key, 'key', getattr(key, 'name', key))) for key in path)
 
 
@@ -108,7 +109,7 @@ def param_shardings(mesh: Mesh, boxed_params, fsdp: bool):
   rules = logical_rules(fsdp)
 
   def sharding_for(path, leaf):
-    what = f'parameter {_path_name(path)}'
+    what = f'parameter {path_name(path)}'
     if not isinstance(leaf, nn.Partitioned):
       raise ValueError(f'{what} has no logical axis names')
     check_divisible(leaf.value.shape, leaf.names, mesh, rules, what)
