@@ -177,46 +177,47 @@ def test_init_from_shape_mismatch_names_the_parameter(uninterrupted, tmp_path):
     train.prepare(cfg, str(tmp_path))
 
 
-def test_killed_run_resumes_to_the_same_losses(uninterrupted, tmp_path):
-  """SIGKILL after the first checkpoint, restart: metrics.jsonl as if never interrupted."""
-  _, reference = uninterrupted
+def cli_run_past_first_checkpoint(workdir, **popen_args):
+  """Starts the CLI on the small config; returns once its first checkpoint is committed."""
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
   command = [sys.executable, '-m', 'k2jax.train', '--config=configs/pretrain.py:debug',
-             f'--workdir={tmp_path}', *SMALL_FLAGS]
-  ckpt_dir = checkpoint.directory(str(tmp_path))
-  process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-  try:
-    deadline = time.time() + 300
-    while not checkpoint.committed_steps(ckpt_dir) and time.time() < deadline:
-      assert process.poll() is None, 'the run ended before its first checkpoint'
-      time.sleep(0.05)
-  finally:
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-  killed_at = checkpoint.committed_steps(ckpt_dir)
-  assert killed_at and killed_at[-1] < TOTAL_STEPS, killed_at
+             f'--workdir={workdir}', *SMALL_FLAGS]
+  process = subprocess.Popen(command, cwd=REPO, env=env, **popen_args)
+  deadline = time.time() + 300
+  while not checkpoint.committed_steps(checkpoint.directory(workdir)):
+    if process.poll() is not None or time.time() > deadline:
+      process.kill()
+      raise AssertionError('the run ended (or hung) before its first checkpoint')
+    time.sleep(0.05)
+  return process, command, env
 
+
+def restart_matches(command, env, workdir, reference) -> str:
+  """Runs the same command again; its metrics.jsonl must be the uninterrupted run's."""
   result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
   assert result.returncode == 0, result.stderr
-  assert 'resumed from' in result.stdout, result.stdout
-  assert exact(read_metrics(str(tmp_path))) == exact(reference)
+  assert exact(read_metrics(str(workdir))) == exact(reference)
+  return result.stdout
+
+
+def test_killed_run_resumes_to_the_same_losses(uninterrupted, tmp_path):
+  """SIGKILL after the first checkpoint, restart: metrics.jsonl as if never interrupted."""
+  _, reference = uninterrupted
+  process, command, env = cli_run_past_first_checkpoint(
+      tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  killed_at = checkpoint.committed_steps(checkpoint.directory(str(tmp_path)))
+  assert killed_at and killed_at[-1] < TOTAL_STEPS, killed_at
+  assert 'resumed from' in restart_matches(command, env, tmp_path, reference)
 
 
 def test_sigterm_stops_after_the_step_with_a_checkpoint(uninterrupted, tmp_path):
   """Preemption: SIGTERM -> finish the step, save it, exit 0; the restart loses nothing."""
   _, reference = uninterrupted
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
-  command = [sys.executable, '-m', 'k2jax.train', '--config=configs/pretrain.py:debug',
-             f'--workdir={tmp_path}', *SMALL_FLAGS]
-  ckpt_dir = checkpoint.directory(str(tmp_path))
-  process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 300
-  while not checkpoint.committed_steps(ckpt_dir) and time.time() < deadline:
-    assert process.poll() is None, 'the run ended before its first checkpoint'
-    time.sleep(0.05)
+  process, command, env = cli_run_past_first_checkpoint(
+      tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   process.send_signal(signal.SIGTERM)
   stdout, stderr = process.communicate(timeout=300)
   assert process.returncode == 0, stderr
@@ -225,10 +226,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint(uninterrupted, tmp_path)
   assert stopped, stdout
   stopped_at = int(stopped[0].split()[3])
   assert stopped_at < TOTAL_STEPS
+  ckpt_dir = checkpoint.directory(str(tmp_path))
   assert checkpoint.committed_steps(ckpt_dir)[-1] == stopped_at  # saved at the stop itself
-
-  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
-  assert result.returncode == 0, result.stderr
-  assert f'resumed from {ckpt_dir}/{stopped_at}' in result.stdout, result.stdout
-  assert exact(read_metrics(str(tmp_path))) == exact(reference)
+  assert f'resumed from {ckpt_dir}/{stopped_at}' in restart_matches(command, env, tmp_path,
+                                                                      reference)
