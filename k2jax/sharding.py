@@ -162,6 +162,6 @@ def devices_summary() -> str:
           f'this is process {jax.process_index()}')
 
 
-def host_array(mesh: Mesh, sharding: NamedSharding, local: np.ndarray) -> jax.Array:
+def host_array(sharding: NamedSharding, local: np.ndarray) -> jax.Array:
   """Assembles each process's slice of the batch into one global jax.Array."""
   return jax.make_array_from_process_local_data(sharding, local)

@@ -131,7 +131,7 @@ def _loop(prepared, state, checkpoints, monitor, stop_after) -> list[dict]:
                     out_shardings=sharding.replicated(mesh))
 
   def to_global(local_batch):
-    return {key: sharding.host_array(mesh, plan.batch_sharding, local_batch[key])
+    return {key: sharding.host_array(plan.batch_sharding, local_batch[key])
             for key in train_step.BATCH_KEYS}
 
   def evaluate(params):
