@@ -35,15 +35,14 @@ def prepare(cfg, workdir: str) -> dict:
   import jax
 
   from data_pipeline import pipeline
-  from k2jax import checkpoint, model_config, train_step
+  from k2jax import checkpoint, train_step
 
   run_config.validate(cfg)
-  vocab_size = model_config.from_config(cfg.model).vocab_size
-  tokenizer = pipeline.tokenizer_for(cfg.data)
-  if tokenizer.vocab_size > vocab_size:
-    raise ValueError(f'data.tokenizer {cfg.data.tokenizer} has {tokenizer.vocab_size} tokens, '
-                     f'more than model.vocab_size={vocab_size}')
   plan = train_step.plan(cfg)
+  tokenizer = pipeline.tokenizer_for(cfg.data)
+  if tokenizer.vocab_size > plan.model_cfg.vocab_size:
+    raise ValueError(f'data.tokenizer {cfg.data.tokenizer} has {tokenizer.vocab_size} tokens, '
+                     f'more than model.vocab_size={plan.model_cfg.vocab_size}')
   # A workdir with checkpoints resumes; init_from only starts a stage.
   init_from = None
   if cfg.init_from and not checkpoint.committed_steps(checkpoint.directory(workdir)):

@@ -57,10 +57,11 @@ def state_shardings(mesh, tx: optax.GradientTransformation, boxed_params, fsdp: 
 
 
 def make_init_fn(model: Transformer, tx: optax.GradientTransformation, seq_len: int):
+  state_from_params = make_state_from_params(tx)
+
   def init(rng):
     tokens = jnp.zeros((1, seq_len), jnp.int32)
-    params = nn.unbox(model.init(rng, tokens)['params'])
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    return state_from_params(nn.unbox(model.init(rng, tokens)['params']))
   return init
 
 
