@@ -19,6 +19,11 @@ setup(
         'grain==0.2.18',
         'array-record==0.8.6',
         'sentencepiece==0.2.3',
+        'tokenizers==0.23.3',  # HF tokenizer.json (K2-V2 ships one)
+        'pyarrow==26.0.1',  # parquet sources (TxT360-Midas, TxT360-3efforts)
+        'zstandard==0.25.0',  # .jsonl.zst sources
+        'fsspec==2026.9.0',  # URLs as data paths (gcs/s3 need gcsfs/s3fs besides)
+        'tqdm==4.70.1',  # progress bars of data_pipeline.prepare
         'tensorstore==0.1.86',
         'clu==0.0.12',  # clu.metrics only: clu.metric_writers would pull in TensorFlow
         'ml-collections==1.1.0',
