@@ -1,8 +1,9 @@
 """Tokenizers behind one small interface.
 
-K2-V2 ships an HF `tokenizer.json`; the demo uses a SentencePiece `.model`.
-`load_tokenizer(path)` picks the implementation from the file suffix, so the
-HF one can be added as a second subclass without touching the callers.
+K2-V2 ships an HF `tokenizer.json`; the demo has both a SentencePiece `.model`
+and a small byte-level BPE `tokenizer.json`. `load_tokenizer(path)` picks the
+implementation: a `.model` file is SentencePiece, a `*.json` file (or an HF
+model folder holding `tokenizer.json`) goes through the `tokenizers` library.
 
 Conventions (K2-V2): bos id 0, eos id 1; `encode` never adds bos/eos, the
 pipeline decides where they go. The chat and reasoning-effort tags are single
@@ -10,12 +11,19 @@ tokens (see SPECIAL_TOKENS).
 """
 
 import abc
+import json
 import os
 
 import sentencepiece as spm
+import tokenizers
 
 BOS_ID = 0
 EOS_ID = 1
+# pad_id when there is no pad token, as SentencePiece reports it.
+NO_PAD_ID = -1
+
+HF_TOKENIZER_FILE = 'tokenizer.json'
+HF_CONFIG_FILE = 'tokenizer_config.json'
 
 # ChatML turn markers and the three reasoning-effort tags, each one token.
 SPECIAL_TOKENS = (
@@ -109,13 +117,113 @@ class SentencePieceTokenizer(Tokenizer):
     return (SentencePieceTokenizer, (self._path,))
 
 
+class HFTokenizer(Tokenizer):
+  """Wraps an HF `tokenizer.json` (e.g. K2-V2's) through `tokenizers`.
+
+  bos/eos/pad come from the `tokenizer_config.json` next to the file, as HF
+  writes it; without one (or for a missing/null entry) they follow K2-V2:
+  bos 0, eos 1, no pad.
+  """
+
+  def __init__(self, path: str):
+    self._path = path
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'HF tokenizer file not found: {path}')
+    try:
+      self._tok = tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # the Rust side raises a bare Exception
+      raise ValueError(f'cannot read HF tokenizer {path}: {e}') from e
+    self._bos_id, self._eos_id, self._pad_id = self._special_ids()
+
+  def _special_ids(self) -> tuple[int, int, int]:
+    config_path = os.path.join(os.path.dirname(self._path), HF_CONFIG_FILE)
+    defaults = {'bos_token': BOS_ID, 'eos_token': EOS_ID, 'pad_token': NO_PAD_ID}
+    if not os.path.isfile(config_path):
+      return tuple(defaults.values())
+    try:
+      with open(config_path, encoding='utf-8') as f:
+        config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise ValueError(f'cannot read tokenizer config {config_path}: {e}') from e
+    if not isinstance(config, dict):
+      raise ValueError(f'tokenizer config {config_path} is not a JSON object')
+    ids = []
+    for key, default in defaults.items():
+      token = config.get(key)
+      # HF writes either the token itself or an AddedToken dict.
+      if isinstance(token, dict):
+        token = token.get('content')
+      if token is None:
+        ids.append(default)
+        continue
+      if not isinstance(token, str):
+        raise ValueError(f'{key} in {config_path} is neither a string nor a '
+                         f'dict with a "content" string: {config[key]!r}')
+      token_id = self._tok.token_to_id(token)
+      if token_id is None:
+        raise ValueError(f'{key} {token!r} from {config_path} is not in the '
+                         f'vocabulary of {self._path}')
+      ids.append(token_id)
+    return tuple(ids)
+
+  @property
+  def path(self) -> str:
+    return self._path
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids) -> str:
+    # Keep special tokens: chat tags are text too, and byte-level BPE then
+    # round-trips exactly.
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tok.get_vocab_size(with_added_tokens=True)
+
+  @property
+  def bos_id(self) -> int:
+    return self._bos_id
+
+  @property
+  def eos_id(self) -> int:
+    return self._eos_id
+
+  @property
+  def pad_id(self) -> int:
+    return self._pad_id
+
+  def special_token_id(self, token: str) -> int:
+    token_id = self._tok.token_to_id(token)
+    # A vocabulary entry can still be split by encode (e.g. a plain BPE piece
+    # that the pre-tokenizer cuts); then its id never appears in encoded text.
+    if token_id is None or self.encode(token) != [token_id]:
+      raise KeyError(f'{token!r} is not a single token in {self._path}')
+    return token_id
+
+  def __reduce__(self):
+    # Grain worker processes get the tokenizer by pickling; reload from the file.
+    return (HFTokenizer, (self._path,))
+
+
+_ACCEPTED_FORMS = (f'a SentencePiece .model file, an HF {HF_TOKENIZER_FILE} '
+                   f'(any *.json) file, or an HF model folder holding {HF_TOKENIZER_FILE}')
+
+
 def load_tokenizer(path: str) -> Tokenizer:
-  """Loads the tokenizer at `path`, choosing the implementation by suffix."""
+  """Loads the tokenizer at `path`, choosing the implementation by its form."""
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    hf_file = os.path.join(path, HF_TOKENIZER_FILE)
+    if os.path.isfile(hf_file):
+      return HFTokenizer(hf_file)
+    raise ValueError(f'unsupported tokenizer folder {path}: it has no '
+                     f'{HF_TOKENIZER_FILE}; expected {_ACCEPTED_FORMS}')
   if path.endswith('.model'):
     return SentencePieceTokenizer(path)
   if path.endswith('.json'):
-    raise NotImplementedError(
-        f'HF tokenizer.json files are not supported yet: {path} '
-        '(use a SentencePiece .model for now)')
-  raise ValueError(f'unsupported tokenizer file {path}: expected a SentencePiece '
-                   '.model (HF tokenizer.json support is planned)')
+    return HFTokenizer(path)
+  missing = '' if os.path.exists(path) else ' (it does not exist)'
+  raise ValueError(f'unsupported tokenizer path {path}{missing}: expected '
+                   f'{_ACCEPTED_FORMS}')

@@ -1,25 +1,39 @@
-"""Trains a SentencePiece tokenizer on a JSONL corpus.
+"""Trains a SentencePiece or HF byte-level BPE tokenizer on a JSONL corpus.
 
     python -m data_pipeline.train_tokenizer --input=data_pipeline/demo/train.jsonl \
         --vocab_size=2048 --out=data_pipeline/demo/tokenizer.model
+    python -m data_pipeline.train_tokenizer --kind=hf --input=data_pipeline/demo/train.jsonl \
+        --vocab_size=2048 --out=data_pipeline/demo/tokenizer.json
 
-Ids follow K2-V2 (bos 0, eos 1) with unk 2 and pad 3; the chat and reasoning
-tags are user-defined symbols so they always encode as one token. Byte
-fallback means any text round-trips even with a tiny vocabulary.
+Ids follow K2-V2 (bos 0, eos 1) with unk 2 and pad 3, then the chat and
+reasoning tags at 4..11, each always one token (SentencePiece user-defined
+symbols, HF special tokens). Any text round-trips even with a tiny vocabulary:
+SentencePiece through byte fallback, HF because it is byte-level.
+
+`--kind=hf` writes the format K2-V2 ships: a byte-level BPE `tokenizer.json`
+plus a `tokenizer_config.json` next to it naming bos/eos/pad, so HFTokenizer
+and AutoTokenizer both read it.
 """
 
 import argparse
 import glob
 import io
+import json
 import os
 
 import sentencepiece as spm
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from data_pipeline import jsonl
-from data_pipeline.tokenizer import BOS_ID, EOS_ID, SPECIAL_TOKENS
+from data_pipeline.tokenizer import BOS_ID, EOS_ID, HF_CONFIG_FILE, SPECIAL_TOKENS
 
 UNK_ID = 2
 PAD_ID = 3
+
+# The HF tokenizer's first ids; the trainer numbers special tokens in order.
+HF_BOS, HF_EOS, HF_UNK, HF_PAD = '<s>', '</s>', '<unk>', '<pad>'
+HF_SPECIAL_TOKENS = (HF_BOS, HF_EOS, HF_UNK, HF_PAD) + SPECIAL_TOKENS
 
 
 def _documents(pattern: str, text_field: str):
@@ -61,14 +75,74 @@ def train(input_glob: str, vocab_size: int, out_path: str, text_field: str = 'te
     f.write(model.getvalue())
 
 
+def train_hf(input_glob: str, vocab_size: int, out_path: str, text_field: str = 'text') -> None:
+  """Writes a byte-level BPE `out_path` and a tokenizer_config.json beside it.
+
+  Reproducible without pinning threads: the BPE trainer sums pair counts
+  exactly and breaks ties by pair ids, so the file is byte-identical for any
+  RAYON_NUM_THREADS or TOKENIZERS_PARALLELISM (checked with 1 to 16 threads).
+  """
+  if not glob.glob(input_glob):
+    raise FileNotFoundError(f'no files match --input={input_glob}')
+  if not out_path.endswith('.json'):
+    raise ValueError(f'--out={out_path}: an HF tokenizer must be a .json file '
+                     '(load_tokenizer picks the implementation by suffix)')
+  documents = list(_documents(input_glob, text_field))
+  tokenizer = tokenizers.Tokenizer(models.BPE())
+  tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+      # Digits one per token, as in the SentencePiece tokenizer.
+      pre_tokenizers.Digits(individual_digits=True),
+      # No space prepended: a document start encodes like any other position
+      # and decode(encode(text)) == text.
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+  ])
+  tokenizer.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+      vocab_size=vocab_size,
+      # special=True and normalized=False: matched in raw text before
+      # pre-tokenization, so each is always exactly one token.
+      special_tokens=[tokenizers.AddedToken(t, special=True, normalized=False)
+                      for t in HF_SPECIAL_TOKENS],
+      # All 256 bytes, so any text encodes (no unk) even with a tiny vocabulary.
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+      show_progress=False,
+  )
+  tokenizer.train_from_iterator(documents, trainer, length=len(documents))
+  if tokenizer.get_vocab_size() != vocab_size:
+    raise ValueError(f'--input={input_glob} is too small for --vocab_size={vocab_size}: '
+                     f'BPE stopped at {tokenizer.get_vocab_size()} tokens')
+  for token_id, token in enumerate(HF_SPECIAL_TOKENS):
+    if tokenizer.token_to_id(token) != token_id:
+      raise RuntimeError(f'{token!r} got id {tokenizer.token_to_id(token)}, expected {token_id}')
+  os.makedirs(os.path.dirname(out_path) or '.', exist_ok=True)
+  tokenizer.save(out_path)
+  config = {
+      # What AutoTokenizer needs to load the folder as this exact tokenizer.
+      'tokenizer_class': 'PreTrainedTokenizerFast',
+      'bos_token': HF_BOS,
+      'eos_token': HF_EOS,
+      'unk_token': HF_UNK,
+      'pad_token': HF_PAD,
+      'clean_up_tokenization_spaces': False,
+  }
+  config_path = os.path.join(os.path.dirname(out_path), HF_CONFIG_FILE)
+  with open(config_path, 'w', encoding='utf-8') as f:
+    f.write(json.dumps(config, indent=2) + '\n')
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--kind', choices=('sentencepiece', 'hf'), default='sentencepiece',
+                      help='sentencepiece: a .model; hf: a byte-level BPE tokenizer.json '
+                      'plus tokenizer_config.json')
   parser.add_argument('--input', required=True, help='glob of JSONL files')
   parser.add_argument('--vocab_size', type=int, default=2048)
-  parser.add_argument('--out', required=True, help='path of the .model to write')
+  parser.add_argument('--out', required=True,
+                      help='path of the .model (sentencepiece) or .json (hf) to write')
   parser.add_argument('--text_field', default='text')
   args = parser.parse_args()
-  train(args.input, args.vocab_size, args.out, args.text_field)
+  train_fn = train_hf if args.kind == 'hf' else train
+  train_fn(args.input, args.vocab_size, args.out, args.text_field)
   print(f'wrote {args.out} (vocab {args.vocab_size})')
 
 

@@ -112,7 +112,7 @@ def test_tokenizer_file_errors(tmp_path):
   garbage.write_bytes(b'not a model')
   with pytest.raises(ValueError, match=re.escape(str(garbage))):
     load_tokenizer(str(garbage))
-  with pytest.raises(NotImplementedError, match='tokenizer.json'):
+  with pytest.raises(FileNotFoundError, match='tokenizer.json'):
     load_tokenizer(str(tmp_path / 'tokenizer.json'))
   with pytest.raises(ValueError, match='unsupported'):
     load_tokenizer(str(tmp_path / 'vocab.txt'))
