@@ -9,7 +9,7 @@ setup(
     python_requires='>=3.10',
     packages=find_packages(include=['k2jax', 'k2jax.*', 'data_pipeline', 'data_pipeline.*',
                                     'configs', 'configs.*']),
-    package_data={'data_pipeline': ['demo/*']},
+    package_data={'data_pipeline': ['demo/*', 'demo/sft/*']},
     # Pinned to the versions the test suite ran with.
     install_requires=[
         'jax==0.10.2',

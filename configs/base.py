@@ -7,6 +7,8 @@ import os
 
 import ml_collections
 
+from data_pipeline import chat
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_DIR = os.path.join(REPO, 'data_pipeline', 'demo')
 
@@ -49,10 +51,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.seq_len = 8192  # tokens per training sequence
   c.data.global_batch_size = 1200  # sequences per optimizer step, over all hosts
-  c.data.train_files = ''  # glob of JSONL training files (field `text`)
-  c.data.eval_files = ''  # glob of held-out JSONL files
-  c.data.tokenizer = ''  # SentencePiece .model
-  c.data.text_field = 'text'  # JSONL field with the document text
+  c.data.train_files = ''  # one source: glob/folder of .jsonl[.gz|.zst]/.parquet, or a prepared dir
+  c.data.mixture = ''  # data-bank JSON {name: [tokens, epochs, path]}; replaces train_files
+  c.data.data_root = ''  # prefix of the mixture's relative paths ('' = the JSON's folder)
+  c.data.eval_files = ''  # held-out source, same forms as train_files
+  c.data.tokenizer = ''  # SentencePiece .model, HF tokenizer.json, or a folder holding one
+  c.data.format = 'text'  # raw files hold text documents | chat conversations
+  c.data.text_field = 'text'  # record field with the document text
+  c.data.chat_field = 'conversations'  # record field with the conversation (format chat)
+  c.data.chat = ml_collections.ConfigDict()
+  c.data.chat.system_prompt_prob = 0.1  # chance a sample without a system turn gets one
+  c.data.chat.system_prompt = chat.DEFAULT_SYSTEM_PROMPT  # K2-V2's default system prompt
+  c.data.strict = False  # stop at the first bad record instead of skipping and counting it
   c.data.packing = 'concat'  # concat (EOD-joined, attention across docs) | document | best_fit
   c.data.pack_buffer = 256  # best_fit: documents considered together when filling rows
   c.data.worker_count = 0  # Grain worker processes (0: in-process)

@@ -9,14 +9,27 @@ documents repeat a small vocabulary and regular structure (invented
 encyclopedia entries, arithmetic worked out in `<think>` traces, short
 stories, lists and a few ChatML dialogs).
 
+It also writes `sft/train.parquet` and `sft/eval.parquet` in the
+TxT360-3efforts layout: a `conversations` column, a list of turns
+{role, content, tool_calls, think, think_fast, think_faster} (None where a
+turn lacks the field; tool_calls a JSON string). They hold single- and
+multi-turn arithmetic with worked reasoning in the effort's field, identity
+questions and tool calls (get_weather, calculator), effort shares 40/35/25.
+
 Everything comes from `random.Random(seed)`, so the same seed gives
-byte-identical files (a test checks the committed files against this script).
+byte-identical JSONL files and the same parquet values (tests check the
+committed files against this script).
 """
 
 import argparse
 import json
 import os
 import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_pipeline.chat import DEFAULT_SYSTEM_PROMPT
 
 TRAIN_SEED = 1234
 EVAL_SEED = 98765
@@ -215,12 +228,150 @@ def write_corpus(out_dir: str) -> None:
               generate_documents(EVAL_SEED, EVAL_DOCS, 'eval'))
 
 
+# --- SFT conversations (TxT360-3efforts layout) -----------------------------
+
+SFT_TRAIN_SEED = 4321
+SFT_EVAL_SEED = 56789
+SFT_TRAIN_CONVERSATIONS = 1500
+SFT_EVAL_CONVERSATIONS = 60
+
+# K2-V2's SFT mixture: each assistant turn's reasoning field and its share.
+_EFFORT_SHARES = {'think': 0.40, 'think_fast': 0.35, 'think_faster': 0.25}
+_TURN_KEYS = ('role', 'content', 'tool_calls', 'think', 'think_fast', 'think_faster')
+_CONDITIONS = ['sunny', 'cloudy', 'rainy', 'windy', 'foggy', 'snowy']
+_IDENTITY_QUESTIONS = ['Who are you?', 'What is your name?', 'Who created you?',
+                       'Tell me about yourself.']
+_IDENTITY_ANSWER = ('I am K2, a helpful assistant created by the MBZUAI '
+                    'Institute of Foundation Models.')
+
+
+def _turn(role: str, content: str | None, **fields) -> dict:
+  """A turn as parquet gives it back: every key present, None where unset."""
+  return {key: fields.get(key) for key in _TURN_KEYS} | {'role': role, 'content': content}
+
+
+def _assistant(rng: random.Random, reasoning: str, content: str | None,
+               tool_calls: list | None = None) -> dict:
+  """Lower efforts keep only the last lines: shorter reasoning, same answer."""
+  field = rng.choices(list(_EFFORT_SHARES), list(_EFFORT_SHARES.values()))[0]
+  lines = reasoning.splitlines()
+  keep = {'think': len(lines), 'think_fast': 2, 'think_faster': 1}[field]
+  calls = None if tool_calls is None else json.dumps(tool_calls)
+  return _turn('assistant', content, tool_calls=calls,
+               **{field: '\n'.join(lines[-keep:])})
+
+
+def sft_arithmetic(rng: random.Random) -> list[dict]:
+  question, reasoning, answer = _arithmetic_problem(rng)
+  return [_turn('user', question),
+          _assistant(rng, reasoning, f'The answer is {answer}.')]
+
+
+def sft_follow_up(rng: random.Random) -> list[dict]:
+  """Multi-turn: each follow-up adds to the previous answer."""
+  question, reasoning, answer = _arithmetic_problem(rng)
+  turns = [_turn('user', question),
+           _assistant(rng, reasoning, f'The answer is {answer}.')]
+  for _ in range(rng.randint(1, 2)):
+    addend = rng.randint(10, 99)
+    turns += [_turn('user', f'Now add {addend} to that.'),
+              _assistant(rng, f'The previous answer was {answer}.\n'
+                         + _addition_trace(answer, addend),
+                         f'The answer is {answer + addend}.')]
+    answer += addend
+  return turns
+
+
+def sft_identity(rng: random.Random) -> list[dict]:
+  reasoning = ('The user asks who I am.\nI am K2, made by MBZUAI IFM.\n'
+               'I should answer briefly.')
+  return [_turn('user', rng.choice(_IDENTITY_QUESTIONS)),
+          _assistant(rng, reasoning, _IDENTITY_ANSWER)]
+
+
+def sft_weather(rng: random.Random) -> list[dict]:
+  city, condition = _invented_name(rng), rng.choice(_CONDITIONS)
+  degrees = rng.randint(-5, 35)
+  result = {'city': city, 'temperature_c': degrees, 'condition': condition}
+  return [
+      _turn('user', f'What is the weather in {city} today?'),
+      _assistant(rng, f'The user asks about the weather in {city}.\n'
+                 'I cannot know it without a tool.\n'
+                 f'I will call get_weather for {city}.', None,
+                 [{'name': 'get_weather', 'arguments': {'city': city}}]),
+      _turn('tool', json.dumps(result)),
+      _assistant(rng, f'The tool answered for {city}.\n'
+                 f'It is {condition} and {degrees} degrees.',
+                 f'It is {condition} in {city} today, {degrees} degrees Celsius.'),
+  ]
+
+
+def sft_calculator(rng: random.Random) -> list[dict]:
+  a, b = rng.randint(100, 999), rng.randint(10, 99)
+  expression = f'{a} * {b}'
+  # OpenAI style with a JSON-string `arguments`, the other shape chat accepts.
+  call = {'type': 'function', 'function': {
+      'name': 'calculator', 'arguments': json.dumps({'expression': expression})}}
+  return [
+      _turn('user', f'Use the calculator to compute {expression}.'),
+      _assistant(rng, f'The user wants {expression}.\n'
+                 'Large products are safer with the tool.\n'
+                 f'I will call calculator with {expression}.', None, [call]),
+      _turn('tool', json.dumps({'result': a * b})),
+      _assistant(rng, f'The calculator returned {a * b}.\nReport it.',
+                 f'{expression} = {a * b}.'),
+  ]
+
+
+# (source, generator, weight, chance of a system turn); the chances follow
+# K2-V2's data (0.5 for identity sources, 0.1 otherwise), raised to show more.
+_SFT_GENERATORS = [
+    ('demo/sft-arithmetic', sft_arithmetic, 0.45, 0.2),
+    ('demo/sft-follow-up', sft_follow_up, 0.20, 0.2),
+    ('demo/sft-identity', sft_identity, 0.10, 0.5),
+    ('demo/sft-weather', sft_weather, 0.12, 0.2),
+    ('demo/sft-calculator', sft_calculator, 0.13, 0.2),
+]
+
+
+def generate_conversations(seed: int, count: int, split: str) -> list[dict]:
+  """Records {id, source, conversations} as pyarrow reads them back."""
+  rng = random.Random(seed)
+  weights = [weight for _, _, weight, _ in _SFT_GENERATORS]
+  records = []
+  for index in range(count):
+    source, generate, _, system_chance = rng.choices(_SFT_GENERATORS, weights)[0]
+    turns = generate(rng)
+    if rng.random() < system_chance:
+      turns.insert(0, _turn('system', DEFAULT_SYSTEM_PROMPT))
+    records.append({'id': f'{split}-{index:05d}', 'source': source,
+                    'conversations': turns})
+  return records
+
+
+_SFT_SCHEMA = pa.schema([
+    ('id', pa.string()), ('source', pa.string()),
+    ('conversations', pa.list_(pa.struct([(key, pa.string()) for key in _TURN_KEYS]))),
+])
+
+
+def write_sft(out_dir: str) -> None:
+  sft_dir = os.path.join(out_dir, 'sft')
+  os.makedirs(sft_dir, exist_ok=True)
+  for name, seed, count in (('train', SFT_TRAIN_SEED, SFT_TRAIN_CONVERSATIONS),
+                            ('eval', SFT_EVAL_SEED, SFT_EVAL_CONVERSATIONS)):
+    table = pa.Table.from_pylist(generate_conversations(seed, count, name),
+                                 schema=_SFT_SCHEMA)
+    pq.write_table(table, os.path.join(sft_dir, f'{name}.parquet'), compression='zstd')
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--out', default='data_pipeline/demo', help='output directory')
   args = parser.parse_args()
   write_corpus(args.out)
-  print(f'wrote train.jsonl and eval.jsonl to {args.out}')
+  write_sft(args.out)
+  print(f'wrote train.jsonl, eval.jsonl and sft/{{train,eval}}.parquet to {args.out}')
 
 
 if __name__ == '__main__':

@@ -22,8 +22,11 @@ Row layout (one segment per document or piece, ids 1, 2, 3, ... within the row):
   targets      the next token of the same segment; the pad id after its last token
   positions    the token's offset in its document
   segment_ids  1, 2, 3, ...; 0 on padding
-  loss_mask    1, except 0 on each segment's last token (its next token is not in the
-               segment) and on padding
+  loss_mask    the next token's target_mask (data_pipeline/documents.py): 1 for every
+               token of a text document, only the assistant's answer in a chat sample;
+               0 on each segment's last token (its next token is not in the segment)
+               and on padding
+  source_ids   the document's source in the run's mixture; -1 on padding
 
 So the last text token of a document predicts EOD, and EOD itself predicts nothing.
 Padding: token = pad id, position 0, segment 0, loss 0.
@@ -66,6 +69,8 @@ class PackingStats:
 
 class _Piece(NamedTuple):
   tokens: np.ndarray  # int32, 1..seq_len tokens
+  target_mask: np.ndarray  # bool, per token
+  source: int  # the document's source index
   start: int  # position of tokens[0] in its document
 
 
@@ -113,7 +118,7 @@ class _PieceReader:
     self._peeked = None  # (anchor, piece) read ahead by peek()
 
   def _doc_done(self) -> bool:
-    return self._doc is None or self._next_piece * self._seq_len >= len(self._doc)
+    return self._doc is None or self._next_piece * self._seq_len >= len(self._doc['tokens'])
 
   def _current_anchor(self) -> dict[str, Any]:
     if self._doc_done():
@@ -123,12 +128,13 @@ class _PieceReader:
   def _read(self) -> _Piece:
     if self._doc_done():
       self._doc_state = self._parent.get_state()
-      self._doc = next(self._parent)['tokens']
+      self._doc = next(self._parent)
       self._next_piece = 0
     k = self._next_piece
     self._next_piece += 1
-    start = k * self._seq_len
-    return _Piece(self._doc[start:start + self._seq_len], start)
+    start, end = k * self._seq_len, (k + 1) * self._seq_len
+    return _Piece(self._doc['tokens'][start:end], self._doc['target_mask'][start:end],
+                  int(self._doc['source'][0]), start)
 
   def anchor(self) -> dict[str, Any]:
     return self._peeked[0] if self._peeked else self._current_anchor()
@@ -149,7 +155,7 @@ class _PieceReader:
     self._doc, self._doc_state, self._next_piece, self._peeked = None, None, 0, None
     if anchor['piece']:
       self._doc_state = anchor['parent']
-      self._doc = next(self._parent)['tokens']
+      self._doc = next(self._parent)
       self._next_piece = anchor['piece']
 
 
@@ -212,6 +218,7 @@ class PackedBatchIterator(grain.DatasetIterator):
         'positions': np.zeros(shape, np.int32),
         'segment_ids': np.zeros(shape, np.int32),
         'loss_mask': np.zeros(shape, np.float32),
+        'source_ids': np.full(shape, -1, np.int32),
     }
     for r in range(self._batch_size):
       end = 0
@@ -222,12 +229,13 @@ class PackedBatchIterator(grain.DatasetIterator):
         batch['targets'][r, start:end - 1] = piece.tokens[1:]
         batch['positions'][r, start:end] = np.arange(piece.start, piece.start + end - start)
         batch['segment_ids'][r, start:end] = segment_id
-        batch['loss_mask'][r, start:end - 1] = 1.0
+        batch['loss_mask'][r, start:end - 1] = piece.target_mask[1:]
+        batch['source_ids'][r, start:end] = piece.source
       self.stats.rows += 1
       self.stats.tokens += self._seq_len
       self.stats.pad_tokens += self._seq_len - end
       self.stats.segments += len(pieces)
-      self.stats.loss_tokens += end - len(pieces)
+      self.stats.loss_tokens += int(batch['loss_mask'][r].sum())
     return batch
 
   # --- checkpointing -----------------------------------------------------------
@@ -251,7 +259,7 @@ class PackedBatchIterator(grain.DatasetIterator):
 
 
 class PackedBatchIterDataset(grain.IterDataset):
-  """Grain dataset of packed batches over a dataset of {'tokens': int32 document ids}."""
+  """Grain dataset of packed batches over a dataset of documents (data_pipeline/documents.py)."""
 
   def __init__(self, parent: grain.IterDataset, **kwargs):
     super().__init__(parent)

@@ -1,46 +1,50 @@
-"""Input pipeline on Grain: JSONL documents -> packed token batches.
+"""Input pipeline on Grain: sources -> documents -> mixture -> packed token batches.
 
-`data.packing` chooses how documents become rows:
+Sources are raw JSONL / parquet files or prepared ArrayRecord directories
+(data_pipeline/documents.py); a run reads one (`data.train_files`) or a weighted
+mixture of them (`data.mixture`, data_pipeline/mixture.py). `data.packing` chooses how
+documents become rows:
 
   'concat'    K2-V2 pre-training and mid-training stage 1 (below).
   'document'  whole documents per row, greedy in stream order (data_pipeline/packing.py).
   'best_fit'  whole documents per row, best-fit decreasing over a window of
-              `data.pack_buffer` documents (default 256); K2-V2 mid-training stages 2-4.
+              `data.pack_buffer` documents (default 256); K2-V2 mid-training stages 2-4, SFT.
 
-'concat' packing (Megatron style): every document is tokenized and
-followed by EOD (the eos id), the documents are concatenated into one token
-stream, and the stream is cut into consecutive chunks of seq_len + 1 tokens.
-A chunk gives `inputs = chunk[:-1]` and `targets = chunk[1:]`. Attention
-crosses document boundaries and every token carries loss, so `positions` is
-simply 0..seq_len-1, `segment_ids` is all ones and `loss_mask` all ones.
+'concat' packing (Megatron style): the documents (each ending with EOD) are concatenated
+into one token stream, cut into consecutive chunks of seq_len + 1 tokens. A chunk gives
+`inputs = chunk[:-1]` and `targets = chunk[1:]`. Attention crosses document boundaries,
+so `positions` is simply 0..seq_len-1 and `segment_ids` all ones; `loss_mask` is the
+targets' target_mask (all ones for text).
 
 The Grain graph, per process:
 
-    MapDataset.source(texts)[process_index::process_count]   disjoint shards
-      .shuffle(seed)            train only; epoch e is shuffled with seed + e
-      .repeat()                 endless, for train and eval alike
-      .map(tokenize + EOD)
+    per source: documents[process_index::process_count]   disjoint shards
+                  .shuffle(seed + source)     train only; every epoch reshuffled
+                  .repeat()                   endless, for train and eval alike
+    MapDataset.mix(sources, document weights) token shares as asked (mixture.py)
       .to_iter_dataset()
-      .mp_prefetch(workers)     optional; keeps the document order
-      ConcatThenSplit(seq_len + 1)     'concat'
-      .map(chunk -> example)
-      .batch(global_batch_size // process_count)
-    or
-      PackedBatchIterDataset(...)      'document' / 'best_fit'
+      .mp_prefetch(workers)                   optional
+      ConcatThenSplit(seq_len + 1) .map(chunk -> example) .batch(...)    'concat'
+      or PackedBatchIterDataset(...)                                     'document' / 'best_fit'
+      SourceCounts                            realised tokens per source
 
-The returned iterator is a Grain DatasetIterator, so `get_state()` /
-`set_state()` can checkpoint the data position along with the model. For
-'document' and 'best_fit', `packing_stats(iterator)` gives running totals of
-rows, padding and loss tokens (see packing.PackingStats).
+Batches map `inputs`, `targets`, `positions`, `segment_ids` (int32), `loss_mask`
+(float32) and `source_ids` (int32, -1 on padding; host-side only) to
+[global_batch_size // process_count, seq_len] arrays.
+
+The returned iterator is a Grain DatasetIterator, so `get_state()` / `set_state()` checkpoint
+the data position with the model; the state also records the process count and worker
+count, and restoring it under different ones is refused with a clear message.
 """
 
-from collections.abc import Iterator
+
+from typing import Any
 
 from absl import flags
 import grain
 import numpy as np
 
-from data_pipeline import jsonl, packing
+from data_pipeline import documents, mixture, packing
 from data_pipeline.tokenizer import Tokenizer, load_tokenizer
 
 SPLITS = ('train', 'eval')
@@ -57,17 +61,7 @@ def tokenizer_for(data_cfg) -> Tokenizer:
   return load_tokenizer(data_cfg.tokenizer)
 
 
-class _TokenizeWithEod(grain.transforms.Map):
-  """Document text -> {"tokens": int32 ids followed by EOD}."""
-
-  def __init__(self, tokenizer: Tokenizer):
-    self._tokenizer = tokenizer
-    self._eod = tokenizer.eos_id
-
-  def map(self, text: str) -> dict[str, np.ndarray]:
-    ids = self._tokenizer.encode(text)
-    ids.append(self._eod)
-    return {'tokens': np.asarray(ids, dtype=np.int32)}
+_DOCUMENT_KEYS = ('tokens', 'target_mask', 'source')
 
 
 def _chunk_to_example(chunk: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -78,7 +72,8 @@ def _chunk_to_example(chunk: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
       'targets': tokens[1:],
       'positions': np.arange(seq_len, dtype=np.int32),
       'segment_ids': np.ones(seq_len, dtype=np.int32),
-      'loss_mask': np.ones(seq_len, dtype=np.float32),
+      'loss_mask': chunk['target_mask'][1:].astype(np.float32),
+      'source_ids': chunk['source'][1:],
   }
 
 
@@ -115,31 +110,36 @@ def _local_batch_size(data_cfg, split: str, seed: int, process_index: int,
 
 
 def build(data_cfg, *, seed: int, split: str, process_index: int = 0,
-          process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+          process_count: int = 1) -> 'SourceCountsIterator':
   """Endless iterator of this process's batches for `split` ("train" or "eval").
 
-  Each batch maps `inputs`, `targets`, `positions`, `segment_ids` (int32) and
-  `loss_mask` (float32) to arrays of shape
-  [global_batch_size // process_count, seq_len]. The same config, seed and
-  process give the same batches; eval ignores the seed and always starts
-  from the first document in file order. `data.packing` (default 'concat')
-  and, for 'best_fit', `data.pack_buffer` (default 256) choose the packing.
+  The same config, seed and process give the same batches; eval ignores the seed and
+  always starts from the first document in file order.
   """
   local_batch = _local_batch_size(data_cfg, split, seed, process_index, process_count)
-  pattern = data_cfg.train_files if split == 'train' else data_cfg.eval_files
-  texts = jsonl.read_texts(pattern, data_cfg.get('text_field', 'text'))
-
-  # Shard whole documents by process, before shuffling, so shards stay disjoint.
-  docs = grain.MapDataset.source(texts)[process_index::process_count]
-  if len(docs) == 0:
-    raise ValueError(f'{pattern!r} has {len(texts)} document(s): too few to give '
-                     f'process {process_index} of {process_count} any')
-  if split == 'train':
-    docs = docs.shuffle(seed=seed)
   tokenizer = tokenizer_for(data_cfg)
-  tokens = docs.repeat().map(_TokenizeWithEod(tokenizer))
+  chosen = mixture.sources_for(data_cfg, split)
+  streams, mean_tokens = [], []
+  for index, source in enumerate(chosen):
+    opened = documents.open_source(
+        source.path, index, data_cfg, tokenizer, seed=seed if split == 'train' else 0,
+        system_prompt_prob=source.system_prompt_prob, strict=data_cfg.get('strict', False))
+    # Shard whole documents by process, before shuffling, so shards stay disjoint.
+    docs = opened.documents[process_index::process_count]
+    if len(docs) == 0:
+      raise ValueError(f'{source.path!r} has {len(opened.documents)} document(s): too few '
+                       f'to give process {process_index} of {process_count} any')
+    if split == 'train':
+      docs = docs.shuffle(seed=(seed + index) % 2**32)
+    streams.append(docs.repeat())
+    mean_tokens.append(opened.mean_tokens)  # measured only if there is a mixture
+  if len(streams) == 1:
+    mixed = streams[0]
+  else:
+    mixed = grain.MapDataset.mix(
+        streams, mixture.document_weights([s.share for s in chosen], [m() for m in mean_tokens]))
 
-  stream = tokens.to_iter_dataset(_READ_OPTIONS)
+  stream = mixed.to_iter_dataset(_READ_OPTIONS)
   worker_count = data_cfg.get('worker_count', 0)
   if worker_count > 0:
     # Grain's worker processes read absl flags; a trainer that does not use
@@ -153,7 +153,7 @@ def build(data_cfg, *, seed: int, split: str, process_index: int = 0,
   mode = data_cfg.get('packing', 'concat')
   if mode == 'concat':
     chunks = grain.experimental.ConcatThenSplitIterDataset(
-        stream, length_struct={'tokens': data_cfg.seq_len + 1})
+        stream, length_struct={key: data_cfg.seq_len + 1 for key in _DOCUMENT_KEYS})
     batches = chunks.map(_chunk_to_example).batch(local_batch, drop_remainder=True)
   else:
     # A SentencePiece model without a pad piece answers -1; EOD then pads (masked anyway).
@@ -163,7 +163,57 @@ def build(data_cfg, *, seed: int, split: str, process_index: int = 0,
         pack_buffer=data_cfg.get('pack_buffer', DEFAULT_PACK_BUFFER),
         # Eval ignores the seed (see above), also for the order of packed rows.
         seed=seed if split == 'train' else 0)
-  return iter(batches)
+  layout = {'process_count': process_count, 'worker_count': worker_count}
+  return SourceCountsIterator(iter(batches), [s.name for s in chosen],
+                              [s.share for s in chosen], layout)
+
+
+class SourceCountsIterator(grain.DatasetIterator):
+  """Passes batches through, counting the loss tokens each source contributed.
+
+  The counts are part of the iterator state, so the shares reported after a resume cover
+  the whole run. The state also pins the process and worker counts: Grain's per-worker
+  positions, and this process's shard of every source, mean nothing under other counts.
+  """
+
+  def __init__(self, parent: grain.DatasetIterator, names: list[str], shares: list[float],
+               layout: dict[str, int]):
+    super().__init__(parent)
+    self.names = names
+    self.requested_shares = shares
+    self.source_tokens = np.zeros(len(names), np.int64)
+    self._layout = layout
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self._parent)
+    counted = batch['source_ids'][batch['loss_mask'] > 0]
+    self.source_tokens += np.bincount(counted, minlength=len(self.names))
+    return batch
+
+  def realised_shares(self) -> dict[str, float]:
+    """{source name: fraction of the loss tokens so far}; empty before the first batch."""
+    total = int(self.source_tokens.sum())
+    if not total:
+      return {}
+    return {name: int(n) / total for name, n in zip(self.names, self.source_tokens)}
+
+  def get_state(self) -> dict[str, Any]:
+    return {'batches': self._parent.get_state(), 'source_tokens': self.source_tokens.tolist(),
+            **self._layout}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    for key, now in self._layout.items():
+      saved = state.get(key, now)
+      if saved != now:
+        raise ValueError(
+            f'the data position was saved with data.{key}={saved} and this run has {now}: '
+            f'restart with {saved} {key.replace("_count", "")}(s) or start the stage afresh')
+    self._parent.set_state(state['batches'])
+    self.source_tokens = np.asarray(state['source_tokens'], np.int64)
+
+  @property
+  def stats(self) -> packing.PackingStats | None:
+    return getattr(self._parent, 'stats', None)
 
 
 def packing_stats(batches) -> packing.PackingStats | None:

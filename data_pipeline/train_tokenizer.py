@@ -16,7 +16,6 @@ and AutoTokenizer both read it.
 """
 
 import argparse
-import glob
 import io
 import json
 import os
@@ -25,7 +24,7 @@ import sentencepiece as spm
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from data_pipeline import jsonl
+from data_pipeline import sources
 from data_pipeline.tokenizer import BOS_ID, EOS_ID, HF_CONFIG_FILE, SPECIAL_TOKENS
 
 UNK_ID = 2
@@ -39,12 +38,11 @@ HF_SPECIAL_TOKENS = (HF_BOS, HF_EOS, HF_UNK, HF_PAD) + SPECIAL_TOKENS
 def _documents(pattern: str, text_field: str):
   # Whole documents, newlines included, so pieces are learned in the same
   # context the pipeline encodes them (a word after "\n" has no "▁").
-  yield from jsonl.read_texts(pattern, text_field)
+  yield from sources.read_values(pattern, text_field, sources.check_text).values
 
 
 def train(input_glob: str, vocab_size: int, out_path: str, text_field: str = 'text') -> None:
-  if not glob.glob(input_glob):
-    raise FileNotFoundError(f'no files match --input={input_glob}')
+  sources.match_files(input_glob)  # FileNotFoundError naming the glob
   model = io.BytesIO()
   spm.SentencePieceTrainer.Train(
       sentence_iterator=_documents(input_glob, text_field),
@@ -82,8 +80,7 @@ def train_hf(input_glob: str, vocab_size: int, out_path: str, text_field: str = 
   exactly and breaks ties by pair ids, so the file is byte-identical for any
   RAYON_NUM_THREADS or TOKENIZERS_PARALLELISM (checked with 1 to 16 threads).
   """
-  if not glob.glob(input_glob):
-    raise FileNotFoundError(f'no files match --input={input_glob}')
+  sources.match_files(input_glob)  # FileNotFoundError naming the glob
   if not out_path.endswith('.json'):
     raise ValueError(f'--out={out_path}: an HF tokenizer must be a .json file '
                      '(load_tokenizer picks the implementation by suffix)')

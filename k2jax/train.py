@@ -73,6 +73,11 @@ def run(prepared: dict, stop_after: int | None = None) -> list[dict]:
   monitor.info(f'model {cfg.model.preset}: {model_cfg.param_count() / 1e6:,.1f}M parameters, '
                f'{model_cfg.num_layers} layers, remat {model_cfg.remat}, '
                f'attention {model_cfg.attention}, compute {model_cfg.dtype}')
+  batches = prepared['train_batches']
+  if len(batches.names) > 1:
+    asked = ', '.join(f'{n} {s:.1%}' for n, s in zip(batches.names, batches.requested_shares))
+    monitor.info(f'data: mixture of {len(batches.names)} sources, token shares asked: {asked} '
+                 '(realised shares are logged as data_share/<name>)')
   if jax.process_index() == 0:
     with open(os.path.join(prepared['workdir'], 'config.json'), 'w') as f:
       f.write(cfg.to_json_best_effort(indent=2))
@@ -159,13 +164,13 @@ def _loop(prepared, state, checkpoints, monitor, stop_after) -> list[dict]:
       stopping = stops.should_stop(step)
       checkpoints.save(step, state, batches, final=stopping or step == last_step)
       if pending is not None:
-        records += _log(monitor, cfg, *pending)
+        records += _log(monitor, cfg, *pending, batches)
       pending = (step, metrics)
       if step == start_step + 1:  # the clock starts after compilation
         jax.block_until_ready(metrics)
         monitor.start(step)
       if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.total_steps):
-        records += _log(monitor, cfg, *pending)
+        records += _log(monitor, cfg, *pending, batches)
         pending = None
         eval_start = time.perf_counter()
         records.append(monitor.write(step, {'eval_loss': evaluate(state.params)}))
@@ -176,11 +181,11 @@ def _loop(prepared, state, checkpoints, monitor, stop_after) -> list[dict]:
                      'start the same command again to continue')
         break
   if pending is not None:
-    records += _log(monitor, cfg, *pending)
+    records += _log(monitor, cfg, *pending, batches)
   return records
 
 
-def _log(monitor, cfg, step: int, device_metrics) -> list[dict]:
+def _log(monitor, cfg, step: int, device_metrics, batches) -> list[dict]:
   """Writes the record of `step` if it is a logging step (this is where the host syncs)."""
   if step % cfg.log_every and step != cfg.total_steps:
     return []
@@ -188,7 +193,20 @@ def _log(monitor, cfg, step: int, device_metrics) -> list[dict]:
   metrics = jax.device_get(device_metrics)
   if not all(map(_finite, metrics.values())):
     monitor.info(f'warning: non-finite metrics at step {step}: {metrics}')
-  return [monitor.write(step, {**metrics, **monitor.throughput(step)})]
+  return [monitor.write(step, {**metrics, **monitor.throughput(step), **_data_metrics(batches)})]
+
+
+def _data_metrics(batches) -> dict:
+  """What the data pipeline has delivered so far: padding, and each source's share of the
+  loss tokens when the run reads a mixture (compare with the shares asked for)."""
+  metrics = {}
+  stats = getattr(batches, 'stats', None)
+  if stats is not None:
+    metrics['data_pad_fraction'] = stats.pad_fraction
+  shares = batches.realised_shares() if hasattr(batches, 'realised_shares') else {}
+  if len(shares) > 1:
+    metrics.update({f'data_share/{name}': share for name, share in shares.items()})
+  return metrics
 
 
 def _finite(value) -> bool:

@@ -1,4 +1,4 @@
-"""Tests for data_pipeline: demo corpus, tokenizer, JSONL reading and packing."""
+"""Tests for data_pipeline: demo corpus, SentencePiece tokenizer, packing and the pipeline."""
 
 import collections
 import itertools
@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from data_pipeline import demo_corpus, jsonl, packing, pipeline, train_tokenizer
+from data_pipeline import demo_corpus, packing, pipeline, sources, train_tokenizer
 from data_pipeline.tokenizer import SPECIAL_TOKENS, load_tokenizer
 
 DEMO_DIR = os.path.join(os.path.dirname(__file__), '..', 'data_pipeline', 'demo')
@@ -39,6 +39,10 @@ def stream_tokens(batches) -> list[int]:
     for inputs, targets in zip(batch['inputs'], batch['targets']):
       stream += [int(t) for t in inputs] + [int(targets[-1])]
   return stream
+
+
+def read_texts(path) -> list[str]:
+  return sources.read_values(path, 'text', sources.check_text).values
 
 
 def write_jsonl(path, lines):
@@ -87,7 +91,7 @@ def test_tokenizer_ids(tokenizer):
 
 
 def test_tokenizer_round_trip(tokenizer):
-  texts = jsonl.read_texts(EVAL_PATH)[:50] + ['Hi  there\n\n  é 中 ok \t!']
+  texts = read_texts(EVAL_PATH)[:50] + ['Hi  there\n\n  é 中 ok \t!']
   for text in texts:
     ids = tokenizer.encode(text)
     assert tokenizer.bos_id not in ids and tokenizer.eos_id not in ids
@@ -122,7 +126,8 @@ def test_tokenizer_file_errors(tmp_path):
 
 def test_batch_shapes_and_dtypes():
   batch = next(pipeline.build(make_cfg(), seed=0, split='train'))
-  assert set(batch) == {'inputs', 'targets', 'positions', 'segment_ids', 'loss_mask'}
+  assert set(batch) == {'inputs', 'targets', 'positions', 'segment_ids', 'loss_mask',
+                        'source_ids'}
   for key, array in batch.items():
     assert array.shape == (4, 32), key
   assert batch['inputs'].dtype == batch['targets'].dtype == np.int32
@@ -130,12 +135,13 @@ def test_batch_shapes_and_dtypes():
   assert batch['loss_mask'].dtype == np.float32
   np.testing.assert_array_equal(batch['positions'], np.tile(np.arange(32), (4, 1)))
   assert (batch['segment_ids'] == 1).all() and (batch['loss_mask'] == 1).all()
+  assert batch['source_ids'].dtype == np.int32 and (batch['source_ids'] == 0).all()
 
 
 def test_eval_stream_is_documents_joined_with_eod(tokenizer):
   batches = take(pipeline.build(make_cfg(), seed=0, split='eval'), 20)
   expected = []
-  for text in jsonl.read_texts(EVAL_PATH):
+  for text in read_texts(EVAL_PATH):
     expected += tokenizer.encode(text) + [tokenizer.eos_id]
   for batch in batches:
     np.testing.assert_array_equal(batch['targets'][:, :-1], batch['inputs'][:, 1:])
@@ -216,7 +222,7 @@ PACKED = ['document', 'best_fit']
 @pytest.fixture(scope='module')
 def eval_docs(tokenizer):
   """The eval documents as the pipeline tokenizes them: text ids, then EOD."""
-  return [tokenizer.encode(text) + [tokenizer.eos_id] for text in jsonl.read_texts(EVAL_PATH)]
+  return [tokenizer.encode(text) + [tokenizer.eos_id] for text in read_texts(EVAL_PATH)]
 
 
 def doc_pieces(docs, seq_len, repeats=3):
@@ -301,7 +307,8 @@ def test_packed_rows_hold_every_document_token_once(eval_docs, mode):
 def _pack_by_hand(mode, pack_buffer=7):
   """Rows packed from documents of 3, 5, 4, 10, 2 and 6 tokens (repeated) into rows of 8."""
   lengths = [3, 5, 4, 10, 2, 6]
-  docs = [{'tokens': np.arange(100 * d, 100 * d + n, dtype=np.int32)}
+  docs = [{'tokens': np.arange(100 * d, 100 * d + n, dtype=np.int32),
+           'target_mask': np.ones(n, bool), 'source': np.full(n, d, np.int32)}
           for d, n in enumerate(lengths, start=1)]
   stream = grain.MapDataset.source(docs).repeat().to_iter_dataset()
   batches = iter(packing.PackedBatchIterDataset(
@@ -317,6 +324,18 @@ def test_document_packing_by_hand():
   # d4 is longer than a row: its second piece (d4+) starts at position 8 in a new segment.
   assert rows == [['d1', 'd2'], ['d3'], ['d4'], ['d4+', 'd5'], ['d6']]
   assert (stats.rows, stats.tokens, stats.pad_tokens, stats.segments) == (5, 40, 10, 7)
+
+
+def test_packed_loss_mask_follows_the_targets_mask():
+  # A chat-like sample: only the last three tokens are targets (the answer).
+  doc = {'tokens': np.arange(10, 16, dtype=np.int32),
+         'target_mask': np.array([0, 0, 0, 1, 1, 1], bool), 'source': np.full(6, 2, np.int32)}
+  stream = grain.MapDataset.source([doc]).repeat().to_iter_dataset()
+  batch = next(iter(packing.PackedBatchIterDataset(
+      stream, mode='document', seq_len=8, batch_size=1, pad_id=0, pack_buffer=1, seed=0)))
+  # Position i is trained when its target, token i + 1, is: positions 2, 3, 4.
+  np.testing.assert_array_equal(batch['loss_mask'][0], [0, 0, 1, 1, 1, 0, 0, 0])
+  np.testing.assert_array_equal(batch['source_ids'][0], [2] * 6 + [-1] * 2)
 
 
 def test_best_fit_packing_by_hand():
@@ -410,24 +429,7 @@ def test_glob_matching_nothing_names_the_glob(tmp_path):
     pipeline.build(make_cfg(train_files=pattern), seed=0, split='train')
 
 
-def test_bad_lines_are_skipped_with_file_and_line(tmp_path, caplog):
-  path = write_jsonl(tmp_path / 'bad.jsonl', [
-      json.dumps({'text': 'good one'}),
-      '{not json',
-      json.dumps({'content': 'no text field'}),
-      json.dumps({'text': 42}),
-      json.dumps({'text': 'good two'}),
-  ])
-  with caplog.at_level(logging.WARNING):
-    assert jsonl.read_texts(path) == ['good one', 'good two']
-  for line_number in (2, 3, 4):
-    assert f'{path}:{line_number}:' in caplog.text
-  assert 'skipped 3 bad line(s)' in caplog.text
-  with pytest.raises(ValueError, match=re.escape(f'{path}:2: malformed JSON')):
-    jsonl.read_texts(path, strict=True)
-
-
 def test_file_without_any_good_line_is_an_error(tmp_path):
   path = write_jsonl(tmp_path / 'bad.jsonl', ['[1, 2]', '{oops'])
-  with pytest.raises(ValueError, match='no documents'):
+  with pytest.raises(ValueError, match='no usable'):
     pipeline.build(make_cfg(train_files=path), seed=0, split='train')

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from data_pipeline import jsonl, train_tokenizer
+from data_pipeline import sources, train_tokenizer
 from data_pipeline.tokenizer import (SPECIAL_TOKENS, HFTokenizer, SentencePieceTokenizer,
                                      load_tokenizer)
 
@@ -34,7 +34,7 @@ EXTRA_TEXTS = [
 
 
 def sample_texts():
-  return (jsonl.read_texts(EVAL_PATH)[:40] + jsonl.read_texts(TRAIN_PATH)[::150]
+  return (sources.read_values(EVAL_PATH, 'text').values[:40] + sources.read_values(TRAIN_PATH, 'text').values[::150]
           + EXTRA_TEXTS)
 
 
