@@ -11,6 +11,7 @@ from data_pipeline import chat
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_DIR = os.path.join(REPO, 'data_pipeline', 'demo')
+DATA_BANKS = os.path.join(REPO, 'configs', 'data')  # K2-V2's mixtures as data-bank JSON
 
 # A stage's learning rates are multiplied by this in its `debug` variant: a 4M-parameter
 # model from scratch learns nothing in 100 steps at a 70B model's rates.
@@ -115,6 +116,8 @@ def make_debug(c: ml_collections.ConfigDict, seq_len: int = 128, global_batch_si
   c.model.dtype = 'float32'  # bf16 matmuls are emulated, hence slow, on CPU
   c.data.seq_len = seq_len
   c.data.global_batch_size = global_batch_size
+  c.data.mixture = ''
+  c.data.data_root = ''
   c.data.train_files = os.path.join(DEMO_DIR, 'train.jsonl')
   c.data.eval_files = os.path.join(DEMO_DIR, 'eval.jsonl')
   c.data.tokenizer = os.path.join(DEMO_DIR, 'tokenizer.model')

@@ -2,9 +2,9 @@
 
 Each stage starts from the previous stage's checkpoint:
   python -m k2jax.train --config=configs/midtrain.py:stage1 --workdir=/ckpt/mid1 \
-      --config.init_from=/ckpt/pretrain
+      --config.init_from=/ckpt/pretrain --config.data.data_root=/data
   python -m k2jax.train --config=configs/midtrain.py:stage2 --workdir=/ckpt/mid2 \
-      --config.init_from=/ckpt/mid1
+      --config.init_from=/ckpt/mid1 --config.data.train_files=/data/prepared/midas-stage2
   python -m k2jax.train --config=configs/midtrain.py:stage3 --workdir=/ckpt/mid3 \
       --config.init_from=/ckpt/mid2
   python -m k2jax.train --config=configs/midtrain.py:stage4 --workdir=/ckpt/mid4 \
@@ -14,6 +14,8 @@ sequence 16x the pre-training debug length at stage 4 (stages 3-4 need 2 / 8 dev
 XLA_FLAGS=--xla_force_host_platform_device_count=8 on a CPU):
   python -m k2jax.train --config=configs/midtrain.py:stage4,debug --workdir=/tmp/mid4
 """
+
+import os
 
 from configs import base
 
@@ -49,6 +51,9 @@ def get_config(arg=None):
   c.data.global_batch_size = batch  # ~13.1M tokens per step in every stage
   # Stage 1 packs like pre-training; stages 2-4 pack whole documents best-fit.
   c.data.packing = 'concat' if stage == 'stage1' else 'best_fit'
+  # Stage 1's published mixture; stages 2-4's are not public [?]: set data.mixture or
+  # data.train_files to the stage's folder (TxT360-Midas stageN/).
+  c.data.mixture = os.path.join(base.DATA_BANKS, 'midas_stage1.json') if stage == 'stage1' else ''
   c.optim.min_lr = 6e-6
   if stage == 'stage1':
     c.optim.peak_lr = 1.5e-5

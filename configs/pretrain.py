@@ -1,11 +1,13 @@
 """K2-V2 pre-training: 1.25M steps of 1200 x 8192 tokens on TxT360 (K2V2.md, "Pre-training").
 
-Launch (the same command on every host):
+Prepare each TxT360 source once (docs/data.md), then launch the same command on every host:
   python -m k2jax.train --config=configs/pretrain.py --workdir=/ckpt/pretrain \
-      --config.data.train_files='/data/txt360/**/*.jsonl' --config.data.tokenizer=/data/k2.model
+      --config.data.data_root=/data --config.data.tokenizer=/models/k2-v2/tokenizer.json
 CPU-sized variant on the bundled demo corpus (what `make demo` runs):
   python -m k2jax.train --config=configs/pretrain.py:debug --workdir=/tmp/k2jax_demo
 """
+
+import os
 
 from configs import base
 
@@ -25,6 +27,7 @@ def get_config(arg=None):
   c.data.seq_len = 8192
   c.data.global_batch_size = 1200  # 3 sequences per GPU x 400 data shards
   c.data.packing = 'concat'  # documents joined with EOD, attention across documents
+  c.data.mixture = os.path.join(base.DATA_BANKS, 'txt360_pretrain.json')  # published shares
   c.optim.peak_lr = 1.5e-4
   c.optim.min_lr = 1.5e-6  # the script decays to 0; the paper's lesson says keep a floor
   c.optim.warmup_steps = 50  # [?] as in the released script, marked "test run" there

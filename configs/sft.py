@@ -1,13 +1,15 @@
 """K2-V2 SFT on TxT360-3efforts: three reasoning efforts, tool use (K2V2.md, "SFT").
 
-Launch from the last mid-training checkpoint:
-  python -m k2jax.train --config=configs/sft.py --workdir=/ckpt/sft --config.init_from=/ckpt/mid4
-CPU-sized variant:
+Conversations are rendered with the ChatML template, one sample per assistant turn, loss on
+the assistant's reasoning and answer only (data_pipeline/chat.py). Launch from the last
+mid-training checkpoint, with the prepared 3efforts sets (docs/data.md):
+  python -m k2jax.train --config=configs/sft.py --workdir=/ckpt/sft --config.init_from=/ckpt/mid4 \
+      --config.data.data_root=/data
+CPU-sized variant on the bundled demo conversations:
   python -m k2jax.train --config=configs/sft.py:debug --workdir=/tmp/sft
-Not yet: rendering `conversations` with the ChatML template and masking the loss to assistant
-tokens (the data pipeline's chat stage); until then this stage reads `text` JSONL with loss on
-every token.
 """
+
+import os
 
 from configs import base
 
@@ -25,11 +27,15 @@ def get_config(arg=None):
   c.data.seq_len = 32_768  # right truncation beyond this
   c.data.global_batch_size = 1024
   c.data.packing = 'best_fit'  # variable-length samples, no attention across samples
+  c.data.format = 'chat'  # raw sources hold `conversations`
+  c.data.mixture = os.path.join(base.DATA_BANKS, 'sft_3efforts.json')  # identity/safety x4
   c.optim.peak_lr = 2e-5
   c.optim.min_lr = 0.0  # [?] plain cosine
   c.optim.warmup_steps = 100  # 5% of total_steps
   c.optim.schedule = 'cosine'
   c.optim.clip_norm = 0.5
   if 'debug' in args:
-    base.make_debug(c, seq_len=256, global_batch_size=8)
+    base.make_debug(c, seq_len=512, global_batch_size=8)
+    c.data.train_files = os.path.join(base.DEMO_DIR, 'sft', 'train.parquet')
+    c.data.eval_files = os.path.join(base.DEMO_DIR, 'sft', 'eval.parquet')
   return c

@@ -121,9 +121,16 @@ def build(data_cfg, *, seed: int, split: str, process_index: int = 0,
   chosen = mixture.sources_for(data_cfg, split)
   streams, mean_tokens = [], []
   for index, source in enumerate(chosen):
-    opened = documents.open_source(
-        source.path, index, data_cfg, tokenizer, seed=seed if split == 'train' else 0,
-        system_prompt_prob=source.system_prompt_prob, strict=data_cfg.get('strict', False))
+    try:
+      opened = documents.open_source(
+          source.path, index, data_cfg, tokenizer, seed=seed if split == 'train' else 0,
+          system_prompt_prob=source.system_prompt_prob, strict=data_cfg.get('strict', False))
+    except FileNotFoundError as e:
+      if len(chosen) == 1:
+        raise
+      raise FileNotFoundError(
+          f'data.mixture source {source.name!r}: {e} (relative paths in {data_cfg.mixture} '
+          'are taken from data.data_root, or the file\'s folder when that is empty)') from None
     # Shard whole documents by process, before shuffling, so shards stay disjoint.
     docs = opened.documents[process_index::process_count]
     if len(docs) == 0:

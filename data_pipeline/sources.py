@@ -77,13 +77,24 @@ def _check_suffixes(paths: list[str], pattern: str) -> None:
                        f'supported suffixes: {", ".join(SUFFIXES)}')
 
 
+def _files_under(directory: str) -> list[str]:
+  # glob's ** skips dot-folders such as a hub snapshot's .cache/.
+  found = glob.glob(os.path.join(glob.escape(directory), '**', '*'), recursive=True)
+  return [p for p in found if p.endswith(SUFFIXES) and os.path.isfile(p)]
+
+
 def _match_local(pattern: str) -> list[str]:
   if os.path.isdir(pattern):
-    # glob's ** skips dot-folders such as a hub snapshot's .cache/.
-    found = glob.glob(os.path.join(glob.escape(pattern), '**', '*'), recursive=True)
-    return [p for p in found if p.endswith(SUFFIXES) and os.path.isfile(p)]
-  found = [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
+    return _files_under(pattern)
+  matched = glob.glob(pattern, recursive=True)
+  found = [p for p in matched if os.path.isfile(p)]
   _check_suffixes(found, pattern)
+  if not pattern.rstrip('/').endswith('**'):
+    # A glob naming folders (`CC-MAIN-*/1-1`) means the files under them, as a folder does;
+    # `dir/**` would name every folder level and is left to the file rule above.
+    for folder in matched:
+      if os.path.isdir(folder):
+        found += _files_under(folder)
   return found
 
 
@@ -107,8 +118,8 @@ def _match_url(pattern: str) -> list[str]:
 def match_files(pattern: str) -> list[str]:
   """Files for a glob, a directory or a comma-separated list of either.
 
-  `**` matches any number of folders. A directory means every supported file
-  under it. The result is sorted so every host sees the same order.
+  `**` matches any number of folders. A directory, or a glob matching directories,
+  means every supported file under them. The result is sorted so every host sees the same order.
   """
   parts = [part.strip() for part in pattern.split(',') if part.strip()]
   if not parts:

@@ -1,5 +1,6 @@
 """Every stage config loads, validates and carries K2-V2's numbers (K2V2.md)."""
 
+import json
 import os
 
 import pytest
@@ -99,3 +100,33 @@ def test_validation_names_the_key():
   cfg.model.num_layers = -2
   with pytest.raises(ValueError, match='model.num_layers must be a positive integer'):
     run_config.validate(cfg)
+
+
+def test_data_banks_carry_the_published_mixtures():
+  from data_pipeline import mixture
+  pretrain = load('configs/pretrain.py')
+  shares = {s.name: s.share for s in mixture.load_data_bank(pretrain.data.mixture, '/data')}
+  assert sum(shares.values()) == pytest.approx(1.0)
+  assert (shares['cc_drop'], shares['cc_keep'], shares['txt360_qa']) == pytest.approx(
+      (0.302, 0.272, 0.158))
+  assert (shares['opencoder'], shares['opencoder_fim'], shares['wikipedia']) == pytest.approx(
+      (0.071, 0.065, 0.009))
+  stage1 = load('configs/midtrain.py:stage1')
+  shares = {s.name: s.share for s in mixture.load_data_bank(stage1.data.mixture, '/data')}
+  assert (shares['web_sample'], shares['math'], shares['books']) == pytest.approx((0.28, 0.24, 0.10))
+  code = shares['code'] + shares['code_fim'] + shares['code_topo_sorted']
+  assert code == pytest.approx(0.12)
+  assert all(s.path.startswith('/data/') for s in mixture.load_data_bank(stage1.data.mixture, '/data'))
+  assert load('configs/midtrain.py:stage2').data.mixture == ''  # not public: set per run
+  sft = load('configs/sft.py')
+  assert sft.data.format == 'chat'
+  with open(sft.data.mixture) as f:
+    bank = json.load(f)
+  assert bank['identity_safety']['epochs'] == 4 * bank['3efforts']['epochs']  # repeated x4
+
+
+def test_debug_stages_read_the_demo_data():
+  sft = load('configs/sft.py:debug')
+  assert sft.data.mixture == '' and sft.data.train_files.endswith('sft/train.parquet')
+  assert sft.data.format == 'chat'
+  assert load('configs/pretrain.py:debug').data.mixture == ''

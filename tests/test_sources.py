@@ -285,3 +285,14 @@ def test_all_records_bad(tmp_path, warnings):
   with pytest.raises(ValueError, match=re.escape(
       f"no usable 'text' values in files matching {path!r} (2 bad record(s) skipped)")):
     read_values(path, 'text', check_text)
+
+
+def test_a_glob_naming_folders_means_the_files_under_them(tmp_path):
+  for bucket in ('1-1', '2-5'):
+    for snapshot in ('CC-MAIN-2024-10', 'CC-MAIN-2024-18'):
+      folder = tmp_path / 'common-crawl' / snapshot / bucket
+      folder.mkdir(parents=True)
+      (folder / 'part-0.jsonl').write_text('{"text": "x"}\n')
+  found = sources.match_files(str(tmp_path / 'common-crawl' / '*' / '1-1'))
+  assert found == [str(tmp_path / 'common-crawl' / s / '1-1' / 'part-0.jsonl')
+                   for s in ('CC-MAIN-2024-10', 'CC-MAIN-2024-18')]
