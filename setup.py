@@ -24,6 +24,7 @@ setup(
         'zstandard==0.25.0',  # .jsonl.zst sources
         'fsspec==2026.9.0',  # URLs as data paths (gcs/s3 need gcsfs/s3fs besides)
         'tqdm==4.70.1',  # progress bars of data_pipeline.prepare
+        'matplotlib==3.11.2',  # the curves of `python -m k2jax.monitor WORKDIR`
         'tensorstore==0.1.86',
         'clu==0.0.12',  # clu.metrics only: clu.metric_writers would pull in TensorFlow
         'ml-collections==1.1.0',

@@ -31,6 +31,21 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint.every = 500  # steps between async saves, and one at the end of the run (0: off)
   c.checkpoint.keep = 3  # newest checkpoints kept
   c.checkpoint.keep_every = 0  # also keep every step divisible by this forever (0: none)
+  c.checkpoint.every_minutes = 0.0  # also save once this many minutes passed since the last (0: off)
+
+  c.stability = ml_collections.ConfigDict()
+  c.stability.spike_window = 100  # good steps whose loss mean / std define "normal"
+  c.stability.spike_threshold = 5.0  # a spike: loss above mean + this many std ...
+  c.stability.spike_min_increase = 0.1  # ... and above mean x (1 + this)
+  c.stability.spike_patience = 10  # bad steps in a row that trigger a rollback (0: never roll back)
+  c.stability.max_rollbacks = 5  # more than this many rollbacks stop the run
+
+  c.monitor = ml_collections.ConfigDict()
+  c.monitor.peak_tflops = 989.0  # per device, the MFU denominator (H100/H200 dense BF16)
+  c.monitor.webhook_url = ''  # Slack-compatible webhook for crash/NaN/spike/stall alerts ('' = none)
+  c.monitor.stall_minutes = 30.0  # alert when no step finished for this long (0: off)
+  c.monitor.wandb_project = ''  # also log to Weights & Biases (needs `pip install wandb`)
+  c.monitor.profile_steps = ''  # 'START:STOP': trace these steps with jax.profiler into <workdir>/profile
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # data-parallel degree (-1: all devices left over)

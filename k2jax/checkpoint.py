@@ -16,9 +16,11 @@ ignores and the next manager removes. Arrays are always restored onto the plan's
 from abstract arrays: nothing is materialized unsharded.
 """
 
+import datetime
 import json
 import os
 import time
+import types
 
 import grain
 import jax
@@ -70,18 +72,40 @@ def _short(error: Exception) -> str:
   return f'{type(error).__name__}: {text[:300]}'
 
 
+class _EveryMinutes(policies.ContinuousCheckpointingPolicy):
+  """A save once `minimum_interval_secs` passed since the last one, or since the start.
+
+  Orbax's policy saves at once when there is no previous step; a run that just started
+  has nothing worth saving yet. The decision is made on the primary host and broadcast.
+  """
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    self._start = types.SimpleNamespace(step=-1, metrics=None,
+                                        time=datetime.datetime.now(tz=datetime.timezone.utc))
+
+  def should_save(self, step, previous_steps, *, context):
+    return super().should_save(step, list(previous_steps) or [self._start], context=context)
+
+
 class Checkpoints:
   """The run's checkpoint manager: `save` every `checkpoint.every` steps, `restore_latest`."""
 
   def __init__(self, workdir: str, cfg):
     ckpt = cfg.checkpoint
-    self.every = ckpt.every
     self.directory = directory(workdir)
     keep = [policies.LatestN(ckpt.keep)]
     if ckpt.keep_every:  # permanent milestones, never deleted by LatestN
       keep.append(policies.EveryNSteps(ckpt.keep_every))
+    due = []
+    if ckpt.every:
+      due.append(policies.FixedIntervalPolicy(ckpt.every))
+    if ckpt.get('every_minutes', 0):
+      # Decided on the primary host and broadcast, so every host saves the same steps.
+      due.append(_EveryMinutes(minimum_interval_secs=int(ckpt.every_minutes * 60)))
+    self.every = bool(due)
     options = ocp.CheckpointManagerOptions(
-        save_decision_policy=policies.FixedIntervalPolicy(ckpt.every) if ckpt.every else None,
+        save_decision_policy=policies.AnySavePolicy(due) if due else None,
         preservation_policy=policies.AnyPreservationPolicy(keep),
         cleanup_tmp_directories=True,  # leftovers of saves killed half-way
         enable_async_checkpointing=True,
@@ -160,8 +184,16 @@ class Checkpoints:
       warn(f'warning: moved the damaged step {step} to {aside}')
     self._manager.reload()
 
+  def wait(self):
+    """Blocks until the save in flight (if any) is committed."""
+    self._manager.wait_until_finished()
+
+  def delete(self, step: int):
+    """Removes a committed step (a rollback discards the steps saved after its target)."""
+    self._manager.delete(step)
+
   def close(self):
-    """Waits for the save in flight (the only place the loop waits for one)."""
+    """Waits for the save in flight (the only other place the loop waits for one)."""
     self._manager.wait_until_finished()
     self._manager.close()
 

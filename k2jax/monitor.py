@@ -1,6 +1,11 @@
-"""Metric writers: `metrics.jsonl`, TensorBoard event files, and console progress.
+"""Metric writers (`metrics.jsonl`, TensorBoard, console, optional Weights & Biases) and alerts.
 
 Only process 0 writes. TensorBoard goes through tensorboardX, which needs no TensorFlow.
+Each record carries throughput: tokens/s, step time, MFU (model FLOPs per token, from
+k2jax/model_config.py, over `monitor.peak_tflops` per device: 989 for H100/H200 dense
+BF16) and the ETA. Alerts (k2jax/alerts.py) go to `monitor.webhook_url` when set.
+
+`python -m k2jax.monitor WORKDIR` summarises a run and plots its curves (k2jax/run_summary.py).
 """
 
 import json
@@ -11,6 +16,8 @@ import sys
 import time
 
 import jax
+
+from k2jax import alerts
 
 try:
   from tensorboardX import SummaryWriter
@@ -27,21 +34,57 @@ def format_duration(seconds: float) -> str:
   return f'{hours}h{minutes:02d}m' if hours else f'{minutes}m{seconds:02d}s'
 
 
+def check_settings(monitor_cfg) -> None:
+  """Fails before training on settings that cannot work (called by run_config.validate)."""
+  if monitor_cfg.get('wandb_project'):
+    try:
+      import wandb  # noqa: F401
+    except ImportError:
+      raise ValueError('monitor.wandb_project is set but wandb is not installed '
+                       '(pip install wandb, or leave monitor.wandb_project empty)') from None
+  url = monitor_cfg.get('webhook_url', '')
+  if url and not url.startswith(('http://', 'https://')):
+    raise ValueError(f'monitor.webhook_url must be an http(s) URL, got {url!r}')
+  if monitor_cfg.get('peak_tflops', 1) <= 0:
+    raise ValueError(f'monitor.peak_tflops must be > 0, got {monitor_cfg.peak_tflops}')
+
+
 class Monitor:
   """Writes one record per logged step to every sink; tracks throughput between records."""
 
-  def __init__(self, workdir: str, total_steps: int, tokens_per_step: int):
+  def __init__(self, workdir: str, total_steps: int, tokens_per_step: int, *,
+               flops_per_token: float = 0.0, settings=None, config: dict | None = None):
+    settings = settings or {}
     self.total_steps = total_steps
     self.tokens_per_step = tokens_per_step
+    # MFU's denominator: the peak of every device in the run.
+    self._peak_flops = settings.get('peak_tflops', 989.0) * 1e12 * jax.device_count()
+    self._flops_per_token = flops_per_token
     self.is_writer = jax.process_index() == 0
     self._jsonl = None
     self._tensorboard = None
+    self._wandb = None
+    self._webhook = None
+    self._watchdog = None
+    run_name = os.path.basename(os.path.abspath(workdir))
     if self.is_writer:
       os.makedirs(workdir, exist_ok=True)
       # Append: a restarted run adds to its history instead of erasing it.
       self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', buffering=1)
       if SummaryWriter is not None:
         self._tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      if settings.get('wandb_project'):
+        import wandb
+        # resume='allow' with the workdir as id: a restarted run continues the same W&B run.
+        self._wandb = wandb.init(project=settings['wandb_project'], name=run_name,
+                                 id=run_name, resume='allow', config=config, dir=workdir)
+      if settings.get('webhook_url'):
+        self._webhook = alerts.Webhook(settings['webhook_url'], run_name, self.info)
+      if settings.get('stall_minutes'):
+        self._watchdog = alerts.StallWatchdog(
+            settings['stall_minutes'],
+            lambda minutes: self.alert(f'stalled: no step finished for {minutes:.0f} min',
+                                       kind='stall'))
     self._start_time = None
     self._last_time = None
     self._last_step = None
@@ -90,9 +133,11 @@ class Monitor:
     elapsed = now - self._last_time
     overall = (now - self._start_time) / max(step - self._start_step, 1)
     self._last_time, self._last_step = now, step
+    tokens_per_sec = steps * self.tokens_per_step / elapsed
     return {
-        'tokens_per_sec': steps * self.tokens_per_step / elapsed,
+        'tokens_per_sec': tokens_per_sec,
         'step_time_sec': elapsed / steps,
+        'mfu': tokens_per_sec * self._flops_per_token / self._peak_flops,
         'eta_sec': overall * (self.total_steps - step),
     }
 
@@ -101,19 +146,32 @@ class Monitor:
     if not self.is_writer:
       return record
     self._jsonl.write(json.dumps(record) + '\n')
+    scalars = {k: v for k, v in record.items() if k != 'step' and isinstance(v, (int, float))}
     if self._tensorboard is not None:
-      for key, value in record.items():
-        if key != 'step' and isinstance(value, (int, float)):
-          self._tensorboard.add_scalar(key, value, step)
+      for key, value in scalars.items():
+        self._tensorboard.add_scalar(key, value, step)
+    if self._wandb is not None:
+      self._wandb.log(scalars, step=step)
     self.console(step, record)
     return record
+
+  def alert(self, text: str, kind: str = 'info'):
+    """Prints a warning and, with a webhook, notifies people (rate-limited per kind)."""
+    self.info(f'warning: {text}')
+    if self._webhook is not None:
+      self._webhook.send(text, kind)
+
+  def heartbeat(self):
+    """A step finished: resets the stall watchdog."""
+    if self._watchdog is not None:
+      self._watchdog.beat()
 
   def console(self, step: int, record: dict):
     width = len(str(self.total_steps))
     parts = [f'step {step:>{width}}/{self.total_steps}']
     for key, label, fmt in (('loss', 'loss', '.4f'), ('eval_loss', 'eval loss', '.4f'),
                             ('learning_rate', 'lr', '.3e'), ('grad_norm', 'grad norm', '.3f'),
-                            ('tokens_per_sec', 'tok/s', ',.0f')):
+                            ('tokens_per_sec', 'tok/s', ',.0f'), ('mfu', 'MFU', '.1%')):
       if key in record:
         parts.append(f'{label} {record[key]:{fmt}}')
     if 'eta_sec' in record:
@@ -125,10 +183,16 @@ class Monitor:
       print(message, file=sys.stdout, flush=True)
 
   def close(self):
+    if self._watchdog is not None:
+      self._watchdog.close()
+    if self._webhook is not None:
+      self._webhook.close()
     if self._jsonl is not None:
       self._jsonl.close()
     if self._tensorboard is not None:
       self._tensorboard.close()
+    if self._wandb is not None:
+      self._wandb.finish()
 
 
 def _step_of(line: str) -> int | None:
@@ -144,3 +208,13 @@ def _plain(value):
   if hasattr(value, 'item'):
     value = value.item()
   return value
+
+
+def main(argv=None) -> int:
+  """`python -m k2jax.monitor WORKDIR [--out=PNG]`: a run's summary and curves."""
+  from k2jax import run_summary
+  return run_summary.main(argv)
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -139,8 +139,33 @@ def validate(cfg) -> None:
     value = cfg.mesh[axis]
     if not isinstance(value, int) or (value <= 0 and value != -1):
       raise ValueError(f'mesh.{axis} must be a positive integer or -1 (fill), got {value!r}')
+  _validate_stability_and_monitor(cfg)
   model_config.from_config(cfg.model)
   optim.make_schedule(cfg.optim, cfg.total_steps)
+
+
+def _validate_stability_and_monitor(cfg) -> None:
+  from k2jax import monitor
+  checks = (('checkpoint.every_minutes', 0, float), ('stability.spike_window', 2, int),
+            ('stability.spike_threshold', 0, float), ('stability.spike_min_increase', 0, float),
+            ('stability.spike_patience', 0, int), ('stability.max_rollbacks', 0, int),
+            ('monitor.stall_minutes', 0, float))
+  for key, minimum, kind in checks:
+    if not has_key(cfg, key):
+      continue
+    value = _get(cfg, key)
+    ok_type = isinstance(value, int) if kind is int else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type or value < minimum:
+      what = 'an integer' if kind is int else 'a number'
+      raise ValueError(f'{key} must be {what} >= {minimum}, got {value!r}')
+  if has_key(cfg, 'monitor'):
+    monitor.check_settings(cfg.monitor)
+    spec = cfg.monitor.get('profile_steps', '')
+    if spec:
+      parts = spec.split(':')
+      if len(parts) != 2 or not all(p.isdigit() for p in parts) or not 0 < int(parts[0]) <= int(parts[1]):
+        raise ValueError(f"monitor.profile_steps must be 'START:STOP' with 0 < START <= STOP, "
+                         f'got {spec!r}')
 
 
 def _get(cfg, dotted: str):

@@ -1,12 +1,11 @@
 """`python -m k2jax.train --config=configs/<stage>.py[:args] --workdir=DIR [--config.key=value ...]`
 
-One loop for every stage: the config decides model, mesh, data, schedule. The loop keeps one
-step in flight: it dispatches step N before reading step N-1's metrics, so the devices never
-wait for the host.
+One loop for every stage (k2jax/loop.py): the config decides model, mesh, data, schedule.
+This module parses the command line, checks everything that can fail on bad input before
+anything is compiled (`prepare`), and restores or initializes the state (`run`).
 """
 
 import os
-import time
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -62,12 +61,15 @@ def run(prepared: dict, stop_after: int | None = None) -> list[dict]:
   import jax
 
   from k2jax import checkpoint, sharding
+  from k2jax.loop import TrainLoop
   from k2jax.monitor import Monitor
 
   cfg, plan = prepared['cfg'], prepared['plan']
   mesh, model_cfg = plan.mesh, plan.model_cfg
   global_batch, seq_len = cfg.data.global_batch_size, cfg.data.seq_len
-  monitor = Monitor(prepared['workdir'], cfg.total_steps, tokens_per_step=global_batch * seq_len)
+  monitor = Monitor(prepared['workdir'], cfg.total_steps, tokens_per_step=global_batch * seq_len,
+                    flops_per_token=model_cfg.flops_per_token(seq_len), settings=cfg.monitor,
+                    config=cfg.to_dict())
   monitor.info(f'k2jax: {sharding.devices_summary()}; mesh {sharding.describe(mesh)}'
                f'{" (fsdp)" if cfg.mesh.fsdp else ""}')
   monitor.info(f'model {cfg.model.preset}: {model_cfg.param_count() / 1e6:,.1f}M parameters, '
@@ -86,10 +88,15 @@ def run(prepared: dict, stop_after: int | None = None) -> list[dict]:
   try:
     with sharding.activate(mesh, cfg.mesh.fsdp):
       state = _restore_or_init(prepared, checkpoints, monitor)
-      records = _loop(prepared, state, checkpoints, monitor, stop_after)
+      records = TrainLoop(prepared, checkpoints, monitor).run(state, stop_after)
+  except Exception as error:
+    monitor.alert(f'crashed: {type(error).__name__}: {str(error)[:500]}', kind='crash')
+    raise
   finally:
     checkpoints.close()
-  monitor.close()
+    monitor.close()
+  if records and records[-1]['step'] >= cfg.total_steps:
+    monitor.info(f'finished: step {cfg.total_steps} of {cfg.total_steps}')
   return records
 
 
@@ -116,102 +123,6 @@ def _restore_or_init(prepared, checkpoints, monitor):
     state, step = init(jax.random.key(cfg.seed)), 0
   monitor.drop_after(step)  # records past the restored step are about to be redone
   return state
-
-
-def _loop(prepared, state, checkpoints, monitor, stop_after) -> list[dict]:
-  """Trains from `state` to total_steps (or stop_after); saves as checkpoint.every says."""
-  import jax
-
-  from data_pipeline import pipeline
-  from k2jax import preemption, sharding, train_step
-
-  cfg, plan = prepared['cfg'], prepared['plan']
-  mesh, model = plan.mesh, plan.model
-  global_batch, seq_len = cfg.data.global_batch_size, cfg.data.seq_len
-  last_step = min(cfg.total_steps, stop_after or cfg.total_steps)
-  step_fn = plan.jit_train_step()
-  eval_fn = jax.jit(train_step.make_eval_step(model),
-                    in_shardings=(plan.state_sharding.params, plan.batch_sharding),
-                    out_shardings=sharding.replicated(mesh))
-
-  def to_global(local_batch):
-    return {key: sharding.host_array(plan.batch_sharding, local_batch[key])
-            for key in train_step.BATCH_KEYS}
-
-  def evaluate(params):
-    # A fresh iterator each time: every eval sees the same held-out batches.
-    batches = pipeline.build(cfg.data, seed=cfg.seed, split='eval', **prepared['process'])
-    loss_sum = tokens = 0.0
-    for _, local_batch in zip(range(cfg.eval_batches), batches):
-      out = jax.device_get(eval_fn(params, to_global(local_batch)))
-      loss_sum += float(out['loss_sum'])
-      tokens += float(out['loss_tokens'])
-    return loss_sum / max(tokens, 1.0)
-
-  batches = prepared['train_batches']
-  records = []
-  pending = None  # (step, device metrics) of the step in flight
-  step = start_step = int(state.step)
-  if step >= cfg.total_steps:
-    monitor.info(f'already at step {step} of {cfg.total_steps}: nothing to train')
-    return records
-  monitor.info(f'training steps {step + 1}..{cfg.total_steps}: '
-               f'{global_batch} x {seq_len} tokens per step (first step compiles)')
-  with preemption.StopRequests(monitor.info) as stops:
-    while step < last_step:
-      state, metrics = step_fn(state, to_global(next(batches)))
-      step += 1
-      stopping = stops.should_stop(step)
-      checkpoints.save(step, state, batches, final=stopping or step == last_step)
-      if pending is not None:
-        records += _log(monitor, cfg, *pending, batches)
-      pending = (step, metrics)
-      if step == start_step + 1:  # the clock starts after compilation
-        jax.block_until_ready(metrics)
-        monitor.start(step)
-      if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.total_steps):
-        records += _log(monitor, cfg, *pending, batches)
-        pending = None
-        eval_start = time.perf_counter()
-        records.append(monitor.write(step, {'eval_loss': evaluate(state.params)}))
-        monitor.exclude(time.perf_counter() - eval_start)
-      if stopping:
-        saved = 'checkpoint saved' if checkpoints.every else 'not saved (checkpoint.every=0)'
-        monitor.info(f'stopped at step {step} of {cfg.total_steps}, {saved}; '
-                     'start the same command again to continue')
-        break
-  if pending is not None:
-    records += _log(monitor, cfg, *pending, batches)
-  return records
-
-
-def _log(monitor, cfg, step: int, device_metrics, batches) -> list[dict]:
-  """Writes the record of `step` if it is a logging step (this is where the host syncs)."""
-  if step % cfg.log_every and step != cfg.total_steps:
-    return []
-  import jax
-  metrics = jax.device_get(device_metrics)
-  if not all(map(_finite, metrics.values())):
-    monitor.info(f'warning: non-finite metrics at step {step}: {metrics}')
-  return [monitor.write(step, {**metrics, **monitor.throughput(step), **_data_metrics(batches)})]
-
-
-def _data_metrics(batches) -> dict:
-  """What the data pipeline has delivered so far: padding, and each source's share of the
-  loss tokens when the run reads a mixture (compare with the shares asked for)."""
-  metrics = {}
-  stats = getattr(batches, 'stats', None)
-  if stats is not None:
-    metrics['data_pad_fraction'] = stats.pad_fraction
-  shares = batches.realised_shares() if hasattr(batches, 'realised_shares') else {}
-  if len(shares) > 1:
-    metrics.update({f'data_share/{name}': share for name, share in shares.items()})
-  return metrics
-
-
-def _finite(value) -> bool:
-  import numpy as np
-  return bool(np.all(np.isfinite(value)))
 
 
 def main(argv):

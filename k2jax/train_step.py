@@ -113,15 +113,23 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation,
                     schedule: Callable, accum_steps: int):
   def train_step(state: TrainState, batch):
     loss, grads, tokens = loss_and_grads(model, state.params, batch, accum_steps)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    # A non-finite loss or gradient skips the update: parameters and optimizer state
+    # (moments, and the count that drives the learning rate) stay as they were. The step
+    # still advances, so the batch is consumed and not retried.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
     metrics = {
         'loss': loss,
-        'grad_norm': optax.tree.norm(grads),  # before clipping
-        'update_norm': optax.tree.norm(updates),
+        'grad_norm': grad_norm,  # before clipping
+        'update_norm': jnp.where(finite, optax.tree.norm(updates), 0.0),
         'param_norm': optax.tree.norm(params),
         'learning_rate': schedule(state.step),  # the rate this update used
         'loss_tokens': tokens,
+        'skipped': 1.0 - finite.astype(jnp.float32),
     }
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
   return train_step

@@ -3,7 +3,6 @@
 import collections
 import itertools
 import json
-import logging
 import os
 import re
 
