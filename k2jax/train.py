@@ -14,6 +14,15 @@ from k2jax import run_config
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Stage config file[:args].')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for metrics and checkpoints.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None,
+    'host:port of process 0, for a multi-host run started by hand (with --num_processes and '
+    '--process_id); under SLURM or Kubernetes use --distributed instead')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process: 0..num_processes-1.')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, "Initialize jax.distributed from the cluster's environment "
+    '(SLURM, Open MPI, Kubernetes), as on every host of a multi-host job.')
 
 
 # Errors that mean "the config or its inputs are wrong": reported in one line, no traceback.
@@ -125,11 +134,31 @@ def _restore_or_init(prepared, checkpoints, monitor):
   return state
 
 
+def start_distributed(coordinator: str | None, num_processes: int | None,
+                      process_id: int | None, auto: bool) -> None:
+  """Joins a multi-process run before any JAX computation; a no-op for a single process."""
+  given = [v is not None for v in (coordinator, num_processes, process_id)]
+  if any(given) and not all(given):
+    run_config.fail('--coordinator_address, --num_processes and --process_id go together')
+  if not (all(given) or auto):
+    return
+  import jax
+  if os.environ.get('JAX_PLATFORMS', '') == 'cpu':
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU: tests, rehearsals
+  if all(given):
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)
+  else:
+    jax.distributed.initialize()  # the cluster's environment says who is who
+
+
 def main(argv):
   if len(argv) > 1:
     run_config.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   if _CONFIG.value is None or _WORKDIR.value is None:
     run_config.fail('both --config=configs/<stage>.py[:args] and --workdir=DIR are required')
+  start_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                    _DISTRIBUTED.value)
   try:
     prepared = prepare(_CONFIG.value, _WORKDIR.value)
   except USER_ERRORS as error:
