@@ -230,3 +230,50 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint(uninterrupted, tmp_path)
   assert checkpoint.committed_steps(ckpt_dir)[-1] == stopped_at  # saved at the stop itself
   assert f'resumed from {ckpt_dir}/{stopped_at}' in restart_matches(command, env, tmp_path,
                                                                       reference)
+
+
+@pytest.mark.parametrize('mesh, devices', [(dict(data=2, tensor=4), 8), (dict(data=4, tensor=1), 4)])
+def test_restore_onto_another_mesh(uninterrupted, tmp_path, mesh, devices):
+  """Saved on data 8; restored onto data 2 x tensor 4, or onto 4 devices: the same numbers."""
+  from data_pipeline import pipeline
+  from k2jax import sharding
+  workdir, reference = uninterrupted
+  saved = saved_params(workdir, 8, small_config())
+  cfg = small_config(**{f'mesh.{axis}': size for axis, size in mesh.items()})
+  plan = train_step.plan(cfg, devices=jax.devices()[:devices])
+  assert dict(zip(sharding.AXES, plan.mesh.devices.shape)) == {**mesh, 'sequence': 1}
+  shutil.copytree(checkpoint.directory(workdir), checkpoint.directory(str(tmp_path)))
+  checkpoints = checkpoint.Checkpoints(str(tmp_path), cfg)
+  batches = pipeline.build(cfg.data, seed=cfg.seed, split='train')
+  with sharding.activate(plan.mesh, cfg.mesh.fsdp):
+    state = checkpoints.restore(8, plan, batches)
+    for array, wanted in zip(jax.tree.leaves(state.params), jax.tree.leaves(plan.state_sharding.params)):
+      assert array.sharding == wanted
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), saved)
+    step_fn = plan.jit_train_step()
+    losses = []
+    for _ in range(2):  # steps 9 and 10, on the new mesh
+      batch = {k: sharding.host_array(plan.batch_sharding, v)
+               for k, v in next(batches).items() if k in train_step.BATCH_KEYS}
+      state, metrics = step_fn(state, batch)
+      losses.append(float(metrics['loss']))
+  checkpoints.close()
+  want = [r['loss'] for r in reference if r['step'] in (9, 10)]
+  np.testing.assert_allclose(losses, want, rtol=1e-5)  # sums in another order: not bit-equal
+
+
+def test_killed_during_an_async_save_resumes_to_the_same_losses(uninterrupted, tmp_path):
+  """SIGKILL while a save is being written: the half-written step is ignored, nothing lost."""
+  _, reference = uninterrupted
+  process, command, env = cli_run_past_first_checkpoint(
+      tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpt_dir = checkpoint.directory(str(tmp_path))
+  deadline = time.time() + 120
+  while not glob.glob(os.path.join(ckpt_dir, '*tmp*')):  # the next save in progress
+    assert process.poll() is None and time.time() < deadline, 'no save in progress was seen'
+    time.sleep(0.002)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  committed = checkpoint.committed_steps(ckpt_dir)
+  assert committed and committed[-1] < TOTAL_STEPS
+  assert 'resumed from' in restart_matches(command, env, tmp_path, reference)
