@@ -91,7 +91,7 @@ class _EveryMinutes(policies.ContinuousCheckpointingPolicy):
 class Checkpoints:
   """The run's checkpoint manager: `save` every `checkpoint.every` steps, `restore_latest`."""
 
-  def __init__(self, workdir: str, cfg):
+  def __init__(self, workdir: str, cfg, asynchronous: bool = True):
     ckpt = cfg.checkpoint
     self.directory = directory(workdir)
     keep = [policies.LatestN(ckpt.keep)]
@@ -108,7 +108,7 @@ class Checkpoints:
         save_decision_policy=policies.AnySavePolicy(due) if due else None,
         preservation_policy=policies.AnyPreservationPolicy(keep),
         cleanup_tmp_directories=True,  # leftovers of saves killed half-way
-        enable_async_checkpointing=True,
+        enable_async_checkpointing=asynchronous,  # False: benchmarks/checkpoint.py's baseline
         create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     self._config = json.loads(cfg.to_json_best_effort())
