@@ -26,6 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every = 500  # steps between held-out evals (0: never)
   c.eval_batches = 8  # batches per held-out eval
   c.init_from = ''  # previous stage's workdir or step dir: its params start this stage ('' = fresh)
+  c.init_from_optimizer = False  # with init_from: also carry over Adam's moments (schedule restarts)
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 500  # steps between async saves, and one at the end of the run (0: off)

@@ -25,6 +25,7 @@ import types
 import grain
 import jax
 import jax.numpy as jnp
+import optax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -239,3 +240,27 @@ def load_params(step_dir: str, plan):
   target = _with_shardings(plan.abstract_state.params, plan.state_sharding.params)
   with ocp.StandardCheckpointer() as checkpointer:
     return checkpointer.restore(os.path.join(step_dir, 'params'), target)
+
+
+def load_opt_state(step_dir: str, plan):
+  """The optimizer state saved in `step_dir` (`init_from_optimizer`), on `plan`'s shardings.
+
+  The schedule's step counter restarts at 0, so the new stage follows its own schedule; Adam's
+  moments and its bias-correction count carry over, as Megatron does when it loads an optimizer
+  with an overridden LR scheduler.
+  """
+  path = os.path.join(step_dir, 'opt_state')
+  if not os.path.isdir(path):
+    raise ValueError(f'init_from_optimizer: {step_dir} has no opt_state/ (a converted HF '
+                     'checkpoint carries parameters only)')
+  target = _with_shardings(plan.abstract_state.opt_state, plan.state_sharding.opt_state)
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      opt_state = checkpointer.restore(path, target)
+  except (ValueError, KeyError) as error:
+    raise ValueError(f'init_from_optimizer: the optimizer state in {step_dir} does not fit this '
+                     f'stage\'s optimizer ({_short(error)})') from None
+  is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
+  return jax.tree.map(
+      lambda x: x._replace(count=jnp.zeros_like(x.count)) if is_schedule(x) else x,
+      opt_state, is_leaf=is_schedule)

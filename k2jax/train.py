@@ -56,6 +56,10 @@ def prepare(cfg, workdir: str) -> dict:
   if cfg.init_from and not checkpoint.committed_steps(checkpoint.directory(workdir)):
     init_from = checkpoint.resolve_step_dir(cfg.init_from)
     checkpoint.check_params_fit(init_from, plan.abstract_state.params)
+    if cfg.get('init_from_optimizer', False) and not os.path.isdir(
+        os.path.join(init_from, 'opt_state')):
+      raise ValueError(f'init_from_optimizer: {init_from} has no opt_state/ (a converted HF '
+                       'checkpoint carries parameters only)')
   process = dict(process_index=jax.process_index(), process_count=jax.process_count())
   train_batches = pipeline.build(cfg.data, seed=cfg.seed, split='train', **process)
   if cfg.eval_every:
@@ -125,7 +129,12 @@ def _restore_or_init(prepared, checkpoints, monitor):
     fresh = jax.jit(train_step.make_state_from_params(plan.tx),
                     out_shardings=plan.state_sharding, donate_argnums=0)
     state, step = fresh(params), 0
-    monitor.info(f'parameters from {prepared["init_from"]}; fresh optimizer at step 0')
+    if cfg.get('init_from_optimizer', False):
+      state = state.replace(opt_state=checkpoint.load_opt_state(prepared['init_from'], plan))
+      monitor.info(f'parameters and optimizer moments from {prepared["init_from"]}; '
+                   'the schedule starts at step 0')
+    else:
+      monitor.info(f'parameters from {prepared["init_from"]}; fresh optimizer at step 0')
   else:
     init = jax.jit(train_step.make_init_fn(plan.model, plan.tx, cfg.data.seq_len),
                    out_shardings=plan.state_sharding)

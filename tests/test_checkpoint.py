@@ -277,3 +277,27 @@ def test_killed_during_an_async_save_resumes_to_the_same_losses(uninterrupted, t
   committed = checkpoint.committed_steps(ckpt_dir)
   assert committed and committed[-1] < TOTAL_STEPS
   assert 'resumed from' in restart_matches(command, env, tmp_path, reference)
+
+
+def test_init_from_optimizer_carries_the_moments_and_restarts_the_schedule(uninterrupted, tmp_path):
+  import optax
+  source_dir, _ = uninterrupted
+  cfg = small_config(total_steps=2, init_from=source_dir, init_from_optimizer=True,
+                     **{'optim.warmup_steps': 1})
+  prepared = train.prepare(cfg, str(tmp_path))
+  opt_state = checkpoint.load_opt_state(prepared['init_from'], prepared['plan'])
+  adam = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+          if isinstance(s, optax.ScaleByAdamState)]
+  schedule = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+              if isinstance(s, optax.ScaleByScheduleState)]
+  assert int(adam[0].count) == 10  # Adam's bias correction goes on from the source's step 10
+  assert int(schedule[0].count) == 0  # the new stage's schedule starts at its step 0
+  assert float(jax.tree.leaves(adam[0].mu)[0].std()) > 0  # moments carried over
+  records = train.run(prepared)
+  assert [r['step'] for r in records] == [1, 2] and records[0]['learning_rate'] == 0.0
+  # A step directory without an optimizer (a converted HF checkpoint) is refused up front.
+  bare = tmp_path / 'bare'
+  shutil.copytree(os.path.join(checkpoint.directory(source_dir), '10', 'params'), bare / 'params')
+  cfg = small_config(init_from=str(bare), init_from_optimizer=True)
+  with pytest.raises(ValueError, match='has no opt_state'):
+    train.prepare(cfg, str(tmp_path / 'other'))
