@@ -73,6 +73,20 @@ def _short(error: Exception) -> str:
   return f'{type(error).__name__}: {text[:300]}'
 
 
+def _all_hosts_agree(ok: bool) -> bool:
+  """True when `ok` holds on every process."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.process_allgather(jnp.asarray([int(ok)])).all())
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
 class _EveryMinutes(policies.ContinuousCheckpointingPolicy):
   """A save once `minimum_interval_secs` passed since the last one, or since the start.
 
@@ -159,13 +173,18 @@ class Checkpoints:
     """
     steps = self.steps()[::-1]
     for i, step in enumerate(steps):
+      error = None
       try:
         state = self.restore(step, plan, batches)
-      except Exception as error:  # a damaged step: whatever Orbax or Grain raised
+      except Exception as e:  # a damaged step: whatever Orbax or Grain raised
+        error = e
+      # Every host must resume from the same step: one that failed anywhere failed everywhere.
+      if not _all_hosts_agree(error is None):
         fallback = f'falling back to step {steps[i + 1]}' if i + 1 < len(steps) else \
             'no older checkpoint left'
+        reason = _short(error) if error else 'it failed to restore on another host'
         warn(f'warning: checkpoint step {step} in {self.directory} failed to restore '
-             f'({_short(error)}); {fallback}')
+             f'({reason}); {fallback}')
         continue
       for damaged in steps[:i]:
         self._set_aside(damaged, warn)
@@ -179,10 +198,12 @@ class Checkpoints:
     """Moves a damaged step out of the listing (kept for a post-mortem), so that the run
     can save that step again."""
     aside = os.path.join(self.directory, DAMAGED, f'{step}-{int(time.time())}')
+    _barrier(f'k2jax_set_aside_{step}_before')  # no host still reads the step
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(aside), exist_ok=True)
       os.rename(os.path.join(self.directory, str(step)), aside)
       warn(f'warning: moved the damaged step {step} to {aside}')
+    _barrier(f'k2jax_set_aside_{step}_after')  # every host lists the steps after the move
     self._manager.reload()
 
   def wait(self):
