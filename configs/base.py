@@ -81,7 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.chat.system_prompt = chat.DEFAULT_SYSTEM_PROMPT  # K2-V2's default system prompt
   c.data.strict = False  # stop at the first bad record instead of skipping and counting it
   c.data.packing = 'concat'  # concat (EOD-joined, attention across docs) | document | best_fit
-  c.data.pack_buffer = 256  # best_fit: documents considered together when filling rows
+  c.data.pack_buffer = 0  # best_fit: documents per packing window (0: enough for ~32 rows)
   c.data.worker_count = 0  # Grain worker processes (0: in-process)
 
   c.optim = ml_collections.ConfigDict()

@@ -8,7 +8,8 @@ documents become rows:
   'concat'    K2-V2 pre-training and mid-training stage 1 (below).
   'document'  whole documents per row, greedy in stream order (data_pipeline/packing.py).
   'best_fit'  whole documents per row, best-fit decreasing over a window of
-              `data.pack_buffer` documents (default 256); K2-V2 mid-training stages 2-4, SFT.
+              `data.pack_buffer` documents (0, the default: enough for ~32 rows, at least
+              256, see auto_pack_buffer); K2-V2 mid-training stages 2-4, SFT.
 
 'concat' packing (Megatron style): the documents (each ending with EOD) are concatenated
 into one token stream, cut into consecutive chunks of seq_len + 1 tokens. A chunk gives
@@ -38,6 +39,7 @@ count, and restoring it under different ones is refused with a clear message.
 """
 
 
+import math
 from typing import Any
 
 from absl import flags
@@ -50,6 +52,7 @@ from data_pipeline.tokenizer import Tokenizer, load_tokenizer
 SPLITS = ('train', 'eval')
 PACKINGS = ('concat', *packing.MODES)
 DEFAULT_PACK_BUFFER = 256
+MAX_PACK_BUFFER = 65_536  # bounds the window's memory: its documents are held until packed
 
 # Documents are already in memory, so one reader thread is enough to run
 # tokenization ahead of the training step; more threads only fight over the GIL.
@@ -95,7 +98,7 @@ def _local_batch_size(data_cfg, split: str, seed: int, process_index: int,
   mode = data_cfg.get('packing', 'concat')
   if mode not in PACKINGS:
     raise ValueError(f'data.packing must be one of {"|".join(PACKINGS)}, got {mode!r}')
-  _require_int('data.pack_buffer', data_cfg.get('pack_buffer', DEFAULT_PACK_BUFFER), 1)
+  _require_int('data.pack_buffer', data_cfg.get('pack_buffer', 0), 0)
   process_count = _require_int('process_count', process_count, 1)
   process_index = _require_int('process_index', process_index, 0)
   if process_index >= process_count:
@@ -107,6 +110,13 @@ def _local_batch_size(data_cfg, split: str, seed: int, process_index: int,
     raise ValueError(f'data.global_batch_size {global_batch} is not divisible by '
                      f'process_count {process_count}')
   return global_batch // process_count
+
+
+def auto_pack_buffer(seq_len: int, mean_document_tokens: float) -> int:
+  """Documents per best-fit window: enough for ~32 rows, so the window's last, partly filled
+  row costs little (at 8K tokens, 256 short documents fill only ~4 rows and pad ~14%)."""
+  return int(min(MAX_PACK_BUFFER, max(DEFAULT_PACK_BUFFER,
+                                      math.ceil(32 * seq_len / max(mean_document_tokens, 1.0)))))
 
 
 def build(data_cfg, *, seed: int, split: str, process_index: int = 0,
@@ -140,11 +150,14 @@ def build(data_cfg, *, seed: int, split: str, process_index: int = 0,
       docs = docs.shuffle(seed=(seed + index) % 2**32)
     streams.append(docs.repeat())
     mean_tokens.append(opened.mean_tokens)  # measured only if there is a mixture
-  if len(streams) == 1:
-    mixed = streams[0]
-  else:
-    mixed = grain.MapDataset.mix(
-        streams, mixture.document_weights([s.share for s in chosen], [m() for m in mean_tokens]))
+  mode = data_cfg.get('packing', 'concat')
+  pack_buffer = data_cfg.get('pack_buffer', 0)
+  needs_lengths = len(streams) > 1 or (mode == 'best_fit' and not pack_buffer)
+  lengths = [m() for m in mean_tokens] if needs_lengths else [1.0]
+  weights = mixture.document_weights([s.share for s in chosen], lengths)
+  mixed = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, weights)
+  if mode == 'best_fit' and not pack_buffer:
+    pack_buffer = auto_pack_buffer(data_cfg.seq_len, sum(w * n for w, n in zip(weights, lengths)))
 
   stream = mixed.to_iter_dataset(_READ_OPTIONS)
   worker_count = data_cfg.get('worker_count', 0)
@@ -157,7 +170,6 @@ def build(data_cfg, *, seed: int, split: str, process_index: int = 0,
     # back in order, so the batches do not depend on worker_count.
     stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
 
-  mode = data_cfg.get('packing', 'concat')
   if mode == 'concat':
     chunks = grain.experimental.ConcatThenSplitIterDataset(
         stream, length_struct={key: data_cfg.seq_len + 1 for key in _DOCUMENT_KEYS})
@@ -167,7 +179,7 @@ def build(data_cfg, *, seed: int, split: str, process_index: int = 0,
     pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
     batches = packing.PackedBatchIterDataset(
         stream, mode=mode, seq_len=data_cfg.seq_len, batch_size=local_batch, pad_id=pad_id,
-        pack_buffer=data_cfg.get('pack_buffer', DEFAULT_PACK_BUFFER),
+        pack_buffer=pack_buffer or DEFAULT_PACK_BUFFER,
         # Eval ignores the seed (see above), also for the order of packed rows.
         seed=seed if split == 'train' else 0)
   layout = {'process_count': process_count, 'worker_count': worker_count}
