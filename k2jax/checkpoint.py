@@ -17,6 +17,7 @@ from abstract arrays: nothing is materialized unsharded.
 """
 
 import datetime
+import itertools
 import json
 import os
 import time
@@ -73,18 +74,31 @@ def _short(error: Exception) -> str:
   return f'{type(error).__name__}: {text[:300]}'
 
 
+# Agreement between hosts goes through jax.distributed's key-value store (as Orbax's own
+# multi-host decisions do), not through device collectives: it needs no mesh and no compile.
+_COORDINATION_TIMEOUT_MS = 10 * 60 * 1000
+_agreements = itertools.count()
+
+
+def _coordination_client():
+  from jax._src import distributed
+  return distributed.global_state.client
+
+
 def _all_hosts_agree(ok: bool) -> bool:
   """True when `ok` holds on every process."""
   if jax.process_count() == 1:
     return ok
-  from jax.experimental import multihost_utils
-  return bool(multihost_utils.process_allgather(jnp.asarray([int(ok)])).all())
+  client = _coordination_client()
+  key = f'k2jax/agree/{next(_agreements)}'
+  client.key_value_set(f'{key}/{jax.process_index()}', str(int(ok)))
+  return all(client.blocking_key_value_get(f'{key}/{i}', _COORDINATION_TIMEOUT_MS) == '1'
+             for i in range(jax.process_count()))
 
 
 def _barrier(name: str) -> None:
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
+    _coordination_client().wait_at_barrier(name, _COORDINATION_TIMEOUT_MS)
 
 
 class _EveryMinutes(policies.ContinuousCheckpointingPolicy):

@@ -7,8 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
-from k2jax import model_config, train_step
+from k2jax import hf_format, model_config, train_step
 from k2jax.model import Transformer
 from k2jax.model_config import ModelConfig
 
@@ -23,34 +24,22 @@ def init_params(cfg, seed=0, length=16):
 
 
 def hf_to_params(hf_model, cfg):
-  """Maps an HF LlamaForCausalLM's weights onto k2jax's parameter tree (test oracle)."""
+  """HF LlamaForCausalLM weights as k2jax's parameter tree through hf_format's map (the one
+  convert uses), inverted: param = hf.reshape(permuted shape).transpose(argsort(perm)), w - 1
+  for norms."""
   state = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
-  E, H, K, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  shapes, _ = hf_format._param_shapes(cfg)
 
-  def per_layer(name, transform):
-    return np.stack([transform(state[f'model.layers.{i}.{name}'])
-                     for i in range(cfg.num_layers)])
+  def load(spec, inner, name):
+    w = state[name].reshape([inner[p] for p in spec.perm]).transpose(np.argsort(spec.perm))
+    return w - 1.0 if spec.norm else w
 
-  return {
-      'embedding': state['model.embed_tokens.weight'],
-      'output': state['lm_head.weight'].T,
-      'final_norm': {'scale': state['model.norm.weight'] - 1.0},
-      'layers': {
-          'attention': {
-              'q': per_layer('self_attn.q_proj.weight', lambda w: w.T.reshape(E, H, D)),
-              'k': per_layer('self_attn.k_proj.weight', lambda w: w.T.reshape(E, K, D)),
-              'v': per_layer('self_attn.v_proj.weight', lambda w: w.T.reshape(E, K, D)),
-              'o': per_layer('self_attn.o_proj.weight', lambda w: w.T.reshape(H, D, E)),
-          },
-          'attention_norm': {'scale': per_layer('input_layernorm.weight', lambda w: w - 1.0)},
-          'mlp_norm': {'scale': per_layer('post_attention_layernorm.weight', lambda w: w - 1.0)},
-          'mlp': {
-              'gate': per_layer('mlp.gate_proj.weight', lambda w: w.T),
-              'up': per_layer('mlp.up_proj.weight', lambda w: w.T),
-              'down': per_layer('mlp.down_proj.weight', lambda w: w.T),
-          },
-      },
-  }
+  flat = {}
+  for path, spec in hf_format.TENSORS.items():
+    inner = hf_format._inner(path, shapes[path].shape)
+    flat[path] = (np.stack([load(spec, inner, spec.hf.format(i)) for i in range(cfg.num_layers)])
+                  if path.startswith(hf_format.LAYER_PREFIX) else load(spec, inner, spec.hf))
+  return traverse_util.unflatten_dict(flat, sep='/')
 
 
 @pytest.mark.parametrize('num_kv_heads,rope_base', [(4, 1e4), (2, 5e5), (1, 1e7)])

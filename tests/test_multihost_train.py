@@ -55,3 +55,9 @@ def test_two_processes_train_are_killed_and_resume(tmp_path):
   out = finish(start(workdir, free_port()))
   assert 'resumed from' in out[0]
   assert exact(read_metrics(str(workdir))) == exact(reference)
+
+  # A step whose data position is damaged on one host only: both hosts fall back together.
+  os.remove(os.path.join(checkpoint.directory(str(workdir)), '10', 'data', 'process_1-of-2.json'))
+  out = finish(start(workdir, free_port()))
+  assert 'failed to restore' in out[0] and 'resumed from' in out[0], out[0][-3000:]
+  assert exact(read_metrics(str(workdir))) == exact(reference)

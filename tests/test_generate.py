@@ -1,0 +1,247 @@
+"""KV-cache decoding against full recomputation and HF `generate`; sampling; mesh; the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from k2jax import generate as gen
+from k2jax import sharding, train_step
+from k2jax.model import Transformer, init_cache
+from tests.conftest import REPO
+from tests.test_model import TINY, hf_to_params
+
+PROMPTS = [[5, 17, 3, 99, 42], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17],
+           [100, 2, 64, 31, 77, 4, 9, 120]]
+EOS = 1
+NEW = 8  # one setting for every library test: the compiled loops are shared
+
+
+def random_params(cfg, seed=0, std=0.05):
+  """Host parameters drawn with numpy: no init to compile. Norm scales get noise too."""
+  rng = np.random.default_rng(seed)
+  abstract = nn.unbox(train_step.abstract_params(Transformer(cfg), 1))
+  return jax.tree.map(lambda a: rng.normal(0.0, std, a.shape).astype(np.float32), abstract)
+
+
+PARAMS = random_params(TINY)
+
+
+def hf_model(cfg, seed=0):
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  hf_config = transformers.LlamaConfig(
+      vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+      intermediate_size=cfg.ffn_size, num_hidden_layers=cfg.num_layers,
+      num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+      head_dim=cfg.head_dim, rope_theta=cfg.rope_base, rms_norm_eps=cfg.norm_eps,
+      tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+      max_position_embeddings=256, initializer_range=0.1, bos_token_id=0, eos_token_id=EOS,
+      pad_token_id=0)
+  torch.manual_seed(seed)
+  return transformers.LlamaForCausalLM(hf_config).eval()
+
+
+def test_greedy_matches_hf_generate():
+  torch = pytest.importorskip('torch')
+  model = hf_model(TINY)
+  params = hf_to_params(model, TINY)
+  # HF: left-padded batch with an attention mask; it derives positions from the mask.
+  length = max(map(len, PROMPTS))
+  ids = torch.zeros((len(PROMPTS), length), dtype=torch.long)
+  mask = torch.zeros_like(ids)
+  for i, p in enumerate(PROMPTS):
+    ids[i, length - len(p):] = torch.tensor(p)
+    mask[i, length - len(p):] = 1
+  with torch.no_grad():
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
+                         eos_token_id=EOS, pad_token_id=0)
+  expected = []
+  for row in out[:, length:].tolist():
+    end = row.index(EOS) + 1 if EOS in row else len(row)
+    expected.append(row[:end])
+  assert any(len(set(row)) > 3 for row in expected)  # not a degenerate repetition
+  for padding in ('left', 'right'):
+    got = gen.generate(params, TINY, PROMPTS, max_new_tokens=NEW, stop_ids=(EOS,),
+                       padding=padding)
+    assert got == expected, padding
+
+
+def test_kv_cache_logits_equal_full_recomputation():
+  """Prefill then one token at a time; rows 0-2 left-padded, rows 3-5 right-padded."""
+  params = PARAMS
+  apply = jax.jit(Transformer(TINY).apply)
+  steps = 5
+  prompts = PROMPTS + PROMPTS
+  rng = np.random.default_rng(0)
+  rows = [list(p) + rng.integers(2, TINY.vocab_size, steps).tolist() for p in prompts]
+  length = max(map(len, prompts))
+  tokens, segments, positions = (np.zeros((len(rows), length), np.int32) for _ in range(3))
+  last = []
+  for i, p in enumerate(prompts):
+    start = length - len(p) if i < len(PROMPTS) else 0
+    tokens[i, start:start + len(p)] = p
+    segments[i, start:start + len(p)] = 1
+    positions[i, start:start + len(p)] = np.arange(len(p))
+    last.append(start + len(p) - 1)
+  # The reference: each whole row in one causal pass, right-padded (segment 0 on padding).
+  full_length = length + steps
+  full = np.zeros((len(rows), full_length), np.int32)
+  full_segments = np.zeros_like(full)
+  for i, row in enumerate(rows):
+    full[i, :len(row)] = row
+    full_segments[i, :len(row)] = 1
+  reference = np.asarray(apply({'params': params}, full, None, full_segments))
+
+  cache = init_cache(TINY, len(rows), length + steps)
+  logits, cache = apply({'params': params}, tokens, positions, segments, cache)
+  got = np.asarray(logits)[np.arange(len(rows)), last]
+  for step in range(steps + 1):
+    for i, p in enumerate(prompts):
+      np.testing.assert_allclose(got[i], reference[i, len(p) - 1 + step], atol=2e-5)
+    if step < steps:
+      feed = np.asarray([[r[len(p) + step]] for r, p in zip(rows, prompts)], np.int32)
+      feed_positions = np.asarray([[len(p) + step] for p in prompts], np.int32)
+      logits, cache = apply({'params': params}, feed, feed_positions, np.ones_like(feed), cache)
+      got = np.asarray(logits)[:, 0]
+  assert int(cache['index']) == length + steps
+
+
+def test_sampling_is_seeded_and_respects_top_p():
+  params = PARAMS
+  kwargs = dict(max_new_tokens=NEW, stop_ids=(EOS,))
+  greedy = gen.generate(params, TINY, PROMPTS, **kwargs)
+  first = gen.generate(params, TINY, PROMPTS, temperature=1.0, top_p=0.9, seed=3, **kwargs)
+  again = gen.generate(params, TINY, PROMPTS, temperature=1.0, top_p=0.9, seed=3, **kwargs)
+  other = gen.generate(params, TINY, PROMPTS, temperature=1.0, top_p=0.9, seed=4, **kwargs)
+  assert first == again and first != other and first != greedy
+  assert gen.generate(params, TINY, PROMPTS, temperature=1.0, top_p=1e-6, seed=3,
+                      **kwargs) == greedy
+
+  # Every draw lies in the nucleus: the fewest top tokens whose mass reaches top_p.
+  logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, 50)) * 2, jnp.float32)
+  probs = np.asarray(jax.nn.softmax(logits))
+  keys = jax.random.split(jax.random.key(0), 200)
+  draws = np.asarray(jax.jit(jax.vmap(lambda k: gen.sample_logits(logits, k, 1.0, 0.5)))(keys))
+  for row in range(4):
+    order = np.argsort(-probs[row])
+    size = int(np.searchsorted(np.cumsum(probs[row][order]), 0.5) + 1)
+    assert set(draws[:, row]) <= set(order[:size].tolist())
+    assert len(set(draws[:, row])) > 1 or size == 1
+
+
+def test_sharded_generation_equals_unsharded():
+  """data 2 x tensor 2: heads, MLP and vocab split over tensor, prompts over data."""
+  params = PARAMS
+  kwargs = dict(max_new_tokens=NEW, stop_ids=(EOS,))
+  sampled = dict(temperature=0.7, top_p=0.9, seed=1)
+  expected = [gen.generate(params, TINY, PROMPTS, **kwargs),
+              gen.generate(params, TINY, PROMPTS, **sampled, **kwargs)]
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, tensor=2, sequence=1)),
+                            jax.devices()[:4])
+  boxed = train_step.abstract_params(Transformer(TINY), 1)
+  placed = jax.device_put(params, sharding.param_shardings(mesh, boxed, False))
+  assert placed['layers']['attention']['q'].sharding.spec[2] == 'tensor'
+  got = [gen.generate(placed, TINY, PROMPTS, mesh=mesh, **kwargs),
+         gen.generate(placed, TINY, PROMPTS, mesh=mesh, **sampled, **kwargs)]
+  assert got == expected
+
+
+# --- the command line, on a checkpoint saved the way training saves one ------------------
+
+class _NoData:
+  def get_state(self):
+    return {}
+
+
+def make_checkpoint(workdir, edit_params=None):
+  """A step-2 checkpoint of the debug pre-training stage (2 layers), without training.
+
+  `edit_params(params) -> params` changes the (host) parameters before they are saved.
+  """
+  from k2jax import checkpoint, run_config
+  cfg = run_config.load(os.path.join(REPO, 'configs/pretrain.py:debug'))
+  cfg.model.num_layers = 2
+  cfg.data.seq_len = 64
+  cfg.data.global_batch_size = 8
+  cfg.total_steps = 2
+  cfg.optim.warmup_steps = 1
+  cfg.checkpoint.every = 2
+  cfg.mesh.data = 1  # one device: Orbax then saves without compiling per-array copies
+  plan = train_step.plan(cfg, jax.devices()[:1])
+  params = random_params(plan.model_cfg, std=0.02)
+  if edit_params is not None:
+    params = edit_params(params)
+  params = jax.device_put(params, plan.state_sharding.params)
+  state = train_step.TrainState(step=jnp.asarray(2, jnp.int32), params=params,
+                                opt_state=plan.tx.init(params))
+  checkpoints = checkpoint.Checkpoints(str(workdir), cfg)
+  checkpoints.save(2, state, _NoData(), final=True)
+  checkpoints.close()
+  return cfg
+
+
+CHAIN = (100, 200)  # after the prompt's last token, the crafted model says 100, 200, <|im_end|>
+
+
+def chain_model(params, last=6, im_end=5):
+  """Residual branches off, one-hot embeddings: each listed token predicts the next one."""
+  params = jax.tree.map(np.array, params)
+  params['layers']['attention']['o'][:] = 0
+  params['layers']['mlp']['down'][:] = 0
+  params['embedding'][:] = 0
+  params['output'][:] = 0
+  for dim, (token, following) in enumerate(zip((last, *CHAIN), (*CHAIN, im_end))):
+    params['embedding'][token, dim] = 1.0
+    params['output'][dim, following] = 1.0
+  return params
+
+
+def run_cli(module, *args):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_cli_chat_renders_the_prompt_and_stops_at_im_end(tmp_path, capsys):
+  from data_pipeline import chat
+  from data_pipeline.tokenizer import load_tokenizer
+  tokenizer = load_tokenizer(os.path.join(REPO, 'data_pipeline/demo/tokenizer.model'))
+  im_end = tokenizer.special_token_id(chat.IM_END)
+  think_fast = tokenizer.special_token_id('<think_fast>')
+  make_checkpoint(tmp_path, lambda p: chain_model(p, last=think_fast, im_end=im_end))
+  result = run_cli('k2jax.generate', f'--checkpoint={tmp_path}', '--chat',
+                   '--reasoning_effort=medium', '--prompt=Hello there', '--prompt=Hi',
+                   '--max_new_tokens=8', '--output=json', '--mesh=data:2,tensor:2')
+  assert result.returncode == 0, result.stderr
+  out = json.loads(result.stdout)
+  for text, row in zip(['Hello there', 'Hi'], out):
+    assert row['prompt_ids'] == chat.render_prompt([{'role': 'user', 'content': text}],
+                                                   tokenizer, 'medium')
+    assert row['ids'] == [*CHAIN, im_end] and row['finish_reason'] == 'stop'
+    assert row['text'] == tokenizer.decode(CHAIN)
+
+  # Plain mode does not stop at <|im_end|>; text output prints the completion (in-process,
+  # to spare a second interpreter start).
+  gen.main([f'--checkpoint={tmp_path}', f'--prompt_ids={think_fast}', '--max_new_tokens=4'])
+  assert capsys.readouterr().out == tokenizer.decode([*CHAIN, im_end, 0]) + '\n'
+
+
+@pytest.mark.parametrize('args,expected', [
+    ((), 'the following arguments are required: --checkpoint'),
+    (('--checkpoint=x', '--prompt=a', '--temperature=hot'), "invalid float value: 'hot'"),
+    (('--checkpoint=/nonexistent',), 'give at least one --prompt'),
+    (('--checkpoint=/nonexistent', '--prompt=x'), 'checkpoint /nonexistent is neither'),
+])
+def test_cli_errors_are_one_line(args, expected):
+  result = run_cli('k2jax.generate', *args)
+  assert result.returncode == 2, result.stderr
+  assert expected in result.stderr and 'Traceback' not in result.stderr, result.stderr
