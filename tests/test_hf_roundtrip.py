@@ -2,7 +2,6 @@
 in transformers, and generate the same text as `k2jax.generate`."""
 
 import json
-import os
 import subprocess
 import sys
 
