@@ -187,11 +187,14 @@ class Checkpoints:
     """
     steps = self.steps()[::-1]
     for i, step in enumerate(steps):
-      error = None
-      try:
-        state = self.restore(step, plan, batches)
-      except Exception as e:  # a damaged step: whatever Orbax or Grain raised
-        error = e
+      # Files that only this host reads are checked before the collective restore, so a
+      # host cannot fail alone inside it while the others wait for it.
+      error = self._missing_files(step)
+      if _all_hosts_agree(error is None):
+        try:
+          state = self.restore(step, plan, batches)
+        except Exception as e:  # a damaged step: whatever Orbax or Grain raised
+          error = e
       # Every host must resume from the same step: one that failed anywhere failed everywhere.
       if not _all_hosts_agree(error is None):
         fallback = f'falling back to step {steps[i + 1]}' if i + 1 < len(steps) else \
@@ -206,6 +209,20 @@ class Checkpoints:
     if steps:
       raise ValueError(f'none of the checkpoints in {self.directory} (steps {steps[::-1]}) '
                        f'could be restored; move the directory away to start afresh')
+    return None
+
+  def _missing_files(self, step: int) -> Exception | None:
+    """A FileNotFoundError / ValueError if this host's part of `step` is missing or unreadable."""
+    step_dir = os.path.join(self.directory, str(step))
+    data = os.path.join(step_dir, 'data', f'process_{jax.process_index()}-of-{jax.process_count()}.json')
+    try:
+      with open(data) as f:
+        json.load(f)
+      for item in ('params', 'opt_state', 'meta'):
+        if not os.path.isdir(os.path.join(step_dir, item)):
+          raise FileNotFoundError(f'{step_dir}/{item} is missing')
+    except (OSError, ValueError) as e:
+      return e
     return None
 
   def _set_aside(self, step: int, warn):

@@ -1,5 +1,6 @@
 """Multi-host on one machine: two processes with 4 simulated devices each train, checkpoint,
-are killed, and resume to the same losses as an uninterrupted two-process run."""
+are killed, and resume to the same losses as an uninterrupted two-process run, falling back
+together when the newest step is damaged on one host."""
 
 import os
 import signal
@@ -44,20 +45,18 @@ def test_two_processes_train_are_killed_and_resume(tmp_path):
   workdir = tmp_path / 'killed'
   processes = start(workdir, free_port())
   deadline = time.time() + 300
-  while not checkpoint.committed_steps(checkpoint.directory(str(workdir))):
+  while len(checkpoint.committed_steps(checkpoint.directory(str(workdir)))) < 2:
     assert all(p.poll() is None for p in processes) and time.time() < deadline
     time.sleep(0.05)
   for p in processes:
     p.send_signal(signal.SIGKILL)
     p.wait()
-  killed_at = checkpoint.committed_steps(checkpoint.directory(str(workdir)))
-  assert killed_at[-1] < 10, killed_at
+  committed = checkpoint.committed_steps(checkpoint.directory(str(workdir)))
+  assert committed[-1] < 10, committed
+  # Also damage the newest step on one host only: both hosts must fall back together.
+  os.remove(os.path.join(checkpoint.directory(str(workdir)), str(committed[-1]), 'data',
+                         'process_1-of-2.json'))
   out = finish(start(workdir, free_port()))
-  assert 'resumed from' in out[0]
-  assert exact(read_metrics(str(workdir))) == exact(reference)
-
-  # A step whose data position is damaged on one host only: both hosts fall back together.
-  os.remove(os.path.join(checkpoint.directory(str(workdir)), '10', 'data', 'process_1-of-2.json'))
-  out = finish(start(workdir, free_port()))
-  assert 'failed to restore' in out[0] and 'resumed from' in out[0], out[0][-3000:]
+  assert f'step {committed[-1]}' in out[0] and 'failed to restore' in out[0], out[0][-3000:]
+  assert f'resumed from {checkpoint.directory(str(workdir))}/{committed[-2]}' in out[0]
   assert exact(read_metrics(str(workdir))) == exact(reference)
