@@ -26,8 +26,12 @@ install-dev: $(VENV)/.dev
 demo: $(VENV)/.core
 	$(SIMULATED) $(BIN)/python -m k2jax.train --config=configs/pretrain.py:debug --workdir=runs/demo
 
+# Test files run on TEST_WORKERS processes (pytest-xdist), a file per worker at a time, so a
+# file's module fixtures are built once.
+TEST_WORKERS ?= 2
+
 test: $(VENV)/.dev
-	$(SIMULATED) $(BIN)/python -m pytest -q tests
+	$(SIMULATED) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) runs

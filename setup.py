@@ -37,7 +37,8 @@ setup(
         'gpu': ['jax[cuda12]==0.10.2'],
         # The test oracle: HF transformers on a CPU build of torch (2.13.0 is on the
         # machines' disk; an unpinned torch would fetch a multi-GB CUDA build).
-        'dev': ['pytest==9.2.0', 'torch==2.13.0', 'transformers==5.23.0', 'lm-eval==0.4.13'],
+        'dev': ['pytest==9.2.0', 'pytest-xdist==3.8.0', 'torch==2.13.0', 'transformers==5.23.0',
+                'lm-eval==0.4.13'],
         # `python -m k2jax.lm_eval_adapter`: lm-evaluation-harness on k2jax checkpoints.
         'eval': ['lm-eval==0.4.13'],
     },
