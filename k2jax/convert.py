@@ -175,16 +175,8 @@ def parse_mesh(spec: str):
   import ml_collections
 
   from k2jax import sharding
-  sizes = dict.fromkeys(sharding.AXES, 1)
-  for part in filter(None, spec.split(',')):
-    axis, _, size = part.partition(':')
-    if axis not in sizes or not re.fullmatch(r'-?\d+', size):
-      raise ValueError(f'--mesh={spec}: expected axis:size pairs over '
-                       f'{"|".join(sharding.AXES)}, e.g. data:8,tensor:2')
-    sizes[axis] = int(size)
+  sizes = {**dict.fromkeys(sharding.AXES, 1), **run_config.parse_mesh(spec)}
   return ml_collections.ConfigDict(dict(sizes, fsdp=True))
-
-
 
 
 def _sharded_array(shape, sharding, read):

@@ -29,7 +29,6 @@ from ml_collections import config_flags
 
 from k2jax import run_config
 
-MESH_AXES = ('data', 'tensor', 'sequence')  # the same names as sharding.AXES (no JAX import)
 DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
 
 
@@ -51,23 +50,6 @@ def _define_flags(argv) -> flags.FlagValues:
   flags.DEFINE_enum('output', 'text', ['text', 'json'], 'text: a readable report; json: one '
                     'JSON object on stdout.', flag_values=values)
   return values
-
-
-def parse_mesh(spec: str) -> dict[str, int]:
-  """'data:8,tensor:8' -> {'data': 8, 'tensor': 8}; -1 fills, as in the config."""
-  sizes = {}
-  for part in spec.split(','):
-    axis, sep, size = part.strip().partition(':')
-    if not sep or axis not in MESH_AXES:
-      raise ValueError(f'--mesh: {part.strip()!r} is not AXIS:SIZE with AXIS one of '
-                       f'{"|".join(MESH_AXES)}')
-    if axis in sizes:
-      raise ValueError(f'--mesh: axis {axis!r} is given twice')
-    try:
-      sizes[axis] = int(size)
-    except ValueError:
-      raise ValueError(f'--mesh: size of {axis!r} must be an integer, got {size!r}') from None
-  return sizes
 
 
 def simulate_devices(count: int):
@@ -283,7 +265,7 @@ def main(argv=None) -> dict:
   spec = run_config.config_spec_from_argv(argv)
   try:
     if values.mesh:
-      for axis, size in parse_mesh(values.mesh).items():
+      for axis, size in run_config.parse_mesh(values.mesh).items():
         cfg.mesh[axis] = size
     if values.devices is not None:
       simulate_devices(values.devices)

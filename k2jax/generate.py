@@ -38,17 +38,8 @@ def error_message(error: Exception) -> str:
 
 def parse_mesh(spec: str) -> dict:
   """'data:1,tensor:2' -> {'data': 1, 'tensor': 2, 'sequence': 1}; -1 fills the devices."""
-  from k2jax import sharding
-  sizes = {axis: 1 for axis in sharding.AXES}
-  for part in filter(None, (p.strip() for p in spec.split(','))):
-    axis, _, size = part.partition(':')
-    if axis not in sizes:
-      raise ValueError(f'--mesh={spec}: unknown axis {axis!r}; axes: {", ".join(sizes)}')
-    try:
-      sizes[axis] = int(size)
-    except ValueError:
-      raise ValueError(f'--mesh={spec}: {axis} size {size!r} is not an integer') from None
-  return sizes
+  from k2jax import run_config, sharding
+  return {**dict.fromkeys(sharding.AXES, 1), **run_config.parse_mesh(spec)}
 
 
 def make_mesh(spec: str):

@@ -112,6 +112,29 @@ def parse_flags(flag_values, argv):
   return rest
 
 
+MESH_AXES = ('data', 'tensor', 'sequence')  # the same names as sharding.AXES (no JAX import)
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+  """A --mesh flag, 'data:8,tensor:8' -> {'data': 8, 'tensor': 8}; -1 fills, as in the config.
+
+  Shared by every command line that takes a mesh (estimate, generate, evaluate, convert).
+  """
+  sizes = {}
+  for part in spec.split(','):
+    axis, sep, size = part.strip().partition(':')
+    if not sep or axis not in MESH_AXES:
+      raise ValueError(f'--mesh: {part.strip()!r} is not AXIS:SIZE with AXIS one of '
+                       f'{"|".join(MESH_AXES)}')
+    if axis in sizes:
+      raise ValueError(f'--mesh: axis {axis!r} is given twice')
+    try:
+      sizes[axis] = int(size)
+    except ValueError:
+      raise ValueError(f'--mesh: size of {axis!r} must be an integer, got {size!r}') from None
+  return sizes
+
+
 def validate(cfg) -> None:
   """Cross-field checks that need no devices. Raises ValueError naming the key."""
   # Imported here so that loading a config stays light.

@@ -8,7 +8,7 @@ import sys
 import jax
 import pytest
 
-from k2jax import estimate, model_config
+from k2jax import estimate, model_config, run_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA, TENSOR = 8, 8
@@ -155,6 +155,6 @@ def test_devices_after_jax_started(capsys, in_repo):
 
 
 def test_parse_mesh():
-  assert estimate.parse_mesh('data:8, tensor:8,sequence:1') == {
+  assert run_config.parse_mesh('data:8, tensor:8,sequence:1') == {
       'data': 8, 'tensor': 8, 'sequence': 1}
-  assert estimate.parse_mesh('tensor:-1') == {'tensor': -1}
+  assert run_config.parse_mesh('tensor:-1') == {'tensor': -1}
