@@ -28,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 
 from configs import pretrain  # noqa: E402
-from k2jax import checkpoint, sharding, train_step  # noqa: E402
+from k2jax.parallel import sharding
+from k2jax.training import checkpoint, train_step
 
 
 class _NoData:
@@ -49,9 +50,13 @@ def _config(args):
   cfg.model.preset = 'debug'
   cfg.model.vocab_size = 16_000
   cfg.model.num_layers = args.layers
-  for key, value in dict(hidden_size=args.hidden, ffn_size=int(args.hidden * 3.5 // 64 * 64),
-                         num_heads=args.hidden // 64, num_kv_heads=max(1, args.hidden // 256),
-                         head_dim=64).items():
+  for key, value in dict(
+    hidden_size=args.hidden,
+    ffn_size=int(args.hidden * 3.5 // 64 * 64),
+    num_heads=args.hidden // 64,
+    num_kv_heads=max(1, args.hidden // 256),
+    head_dim=64,
+  ).items():
     cfg.model[key] = value
   cfg.data.seq_len = 128
   cfg.data.global_batch_size = 1
@@ -96,32 +101,47 @@ def main():
   cfg = _config(args)
   plan = train_step.plan(cfg, devices=jax.devices()[:1])
   with sharding.activate(plan.mesh, False):
-    init = jax.jit(train_step.make_init_fn(plan.model, plan.tx, cfg.data.seq_len),
-                   out_shardings=plan.state_sharding)
+    init = jax.jit(
+      train_step.make_init_fn(plan.model, plan.tx, cfg.data.seq_len),
+      out_shardings=plan.state_sharding,
+    )
     state = jax.block_until_ready(init(jax.random.key(0)))
     params = plan.model_cfg.param_count()
     state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
     async_block, async_total, restore = _time_saves(
-        cfg, plan, state, os.path.join(args.dir, 'async'), True, args.reps)
+      cfg, plan, state, os.path.join(args.dir, 'async'), True, args.reps
+    )
     sync_block, sync_total, _ = _time_saves(
-        cfg, plan, state, os.path.join(args.dir, 'sync'), False, args.reps)
+      cfg, plan, state, os.path.join(args.dir, 'sync'), False, args.reps
+    )
   shutil.rmtree(args.dir, ignore_errors=True)
   ratio = async_block / sync_block
-  result = dict(params=params, state_gib=state_bytes / 2**30, async_blocking_sec=async_block,
-                async_total_sec=async_total, sync_save_sec=sync_block, restore_sec=restore,
-                blocking_ratio=ratio, goal_met=ratio <= 0.10)
+  result = dict(
+    params=params,
+    state_gib=state_bytes / 2**30,
+    async_blocking_sec=async_block,
+    async_total_sec=async_total,
+    sync_save_sec=sync_block,
+    restore_sec=restore,
+    blocking_ratio=ratio,
+    goal_met=ratio <= 0.10,
+  )
   if args.output == 'json':
     print(json.dumps(result))
     return
-  print(f'state: {params / 1e6:.1f}M parameters + AdamW moments = {result["state_gib"]:.2f} GiB '
-        f'(fp32), {jax.devices()[0].platform}, median of {args.reps}')
+  print(
+    f'state: {params / 1e6:.1f}M parameters + AdamW moments = {result["state_gib"]:.2f} GiB '
+    f'(fp32), {jax.devices()[0].platform}, median of {args.reps}'
+  )
   print(f'{"":24}{"seconds":>10}')
   print(f'{"async save, blocking":24}{async_block:>10.3f}')
   print(f'{"async save, committed":24}{async_total:>10.3f}')
   print(f'{"sync save":24}{sync_block:>10.3f}')
   print(f'{"restore":24}{restore:>10.3f}')
-  print(f'async blocking / sync save = {ratio:.1%} (goal <= 10%: '
-        f'{"met" if result["goal_met"] else "NOT met"})')
+  print(
+    f'async blocking / sync save = {ratio:.1%} (goal <= 10%: '
+    f'{"met" if result["goal_met"] else "NOT met"})'
+  )
 
 
 if __name__ == '__main__':

@@ -26,13 +26,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every = 500  # steps between held-out evals (0: never)
   c.eval_batches = 8  # batches per held-out eval
   c.init_from = ''  # previous stage's workdir or step dir: its params start this stage ('' = fresh)
-  c.init_from_optimizer = False  # with init_from: also carry over Adam's moments (schedule restarts)
+  c.init_from_optimizer = (
+    False  # with init_from: also carry over Adam's moments (schedule restarts)
+  )
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 500  # steps between async saves, and one at the end of the run (0: off)
   c.checkpoint.keep = 3  # newest checkpoints kept
   c.checkpoint.keep_every = 0  # also keep every step divisible by this forever (0: none)
-  c.checkpoint.every_minutes = 0.0  # also save once this many minutes passed since the last (0: off)
+  c.checkpoint.every_minutes = (
+    0.0  # also save once this many minutes passed since the last (0: off)
+  )
 
   c.stability = ml_collections.ConfigDict()
   c.stability.spike_window = 100  # good steps whose loss mean / std define "normal"
@@ -43,10 +47,14 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.monitor = ml_collections.ConfigDict()
   c.monitor.peak_tflops = 989.0  # per device, the MFU denominator (H100/H200 dense BF16)
-  c.monitor.webhook_url = ''  # Slack-compatible webhook for crash/NaN/spike/stall alerts ('' = none)
+  c.monitor.webhook_url = (
+    ''  # Slack-compatible webhook for crash/NaN/spike/stall alerts ('' = none)
+  )
   c.monitor.stall_minutes = 30.0  # alert when no step finished for this long (0: off)
   c.monitor.wandb_project = ''  # also log to Weights & Biases (needs `pip install wandb`)
-  c.monitor.profile_steps = ''  # 'START:STOP': trace these steps with jax.profiler into <workdir>/profile
+  c.monitor.profile_steps = (
+    ''  # 'START:STOP': trace these steps with jax.profiler into <workdir>/profile
+  )
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # data-parallel degree (-1: all devices left over)
@@ -106,8 +114,9 @@ def parse_args(arg: str | None, known: tuple[str, ...]) -> set[str]:
   words = {w.strip() for w in (arg or '').split(',') if w.strip()}
   unknown = words - set(known)
   if unknown:
-    raise ValueError(f'unknown config argument(s) {", ".join(sorted(unknown))}; '
-                     f'known: {", ".join(known)}')
+    raise ValueError(
+      f'unknown config argument(s) {", ".join(sorted(unknown))}; known: {", ".join(known)}'
+    )
   return words
 
 

@@ -21,10 +21,10 @@ from configs import base
 
 # stage: (seq_len, rope_base, global_batch, steps, context-parallel degree, GPUs)
 STAGES = {
-    'stage1': (8_192, 5e5, 1600, 135_000, 1, 3200),
-    'stage2': (65_536, 1e6, 200, 45_000, 1, 1600),
-    'stage3': (131_072, 1e7, 100, 17_500, 2, 1600),
-    'stage4': (524_288, 1e7, 25, 10_000, 8, 1600),
+  'stage1': (8_192, 5e5, 1600, 135_000, 1, 3200),
+  'stage2': (65_536, 1e6, 200, 45_000, 1, 1600),
+  'stage3': (131_072, 1e7, 100, 17_500, 2, 1600),
+  'stage4': (524_288, 1e7, 25, 10_000, 8, 1600),
 }
 DEBUG_SEQ_LEN = {'stage1': 128, 'stage2': 512, 'stage3': 1024, 'stage4': 2048}
 # Divisible by the data axis that 8 simulated devices leave after the sequence degree.
@@ -35,8 +35,10 @@ def get_config(arg=None):
   args = base.parse_args(arg, known=(*STAGES, 'debug'))
   stages = [a for a in args if a in STAGES]
   if len(stages) != 1:
-    raise ValueError(f'configs/midtrain.py needs exactly one of {", ".join(STAGES)} '
-                     f'(e.g. configs/midtrain.py:stage3), got {arg!r}')
+    raise ValueError(
+      f'configs/midtrain.py needs exactly one of {", ".join(STAGES)} '
+      f'(e.g. configs/midtrain.py:stage3), got {arg!r}'
+    )
   stage = stages[0]
   seq_len, rope_base, batch, steps, context_parallel, _ = STAGES[stage]
   c = base.get_config()

@@ -30,15 +30,16 @@ from collections.abc import Mapping
 import numpy as np
 
 EFFORT_TAGS = {
-    'high': ('<think>', '</think>'),
-    'medium': ('<think_fast>', '</think_fast>'),
-    'low': ('<think_faster>', '</think_faster>'),
+  'high': ('<think>', '</think>'),
+  'medium': ('<think_fast>', '</think_fast>'),
+  'low': ('<think_faster>', '</think_faster>'),
 }
 # Which turn field holds the reasoning of each effort.
 REASONING_FIELDS = {'think': 'high', 'think_fast': 'medium', 'think_faster': 'low'}
 DEFAULT_SYSTEM_PROMPT = (
-    'You are K2, a helpful assistant created by Mohamed bin Zayed University of '
-    'Artificial Intelligence (MBZUAI) Institute of Foundation Models (IFM).')
+  'You are K2, a helpful assistant created by Mohamed bin Zayed University of '
+  'Artificial Intelligence (MBZUAI) Institute of Foundation Models (IFM).'
+)
 
 ROLES = ('system', 'user', 'assistant', 'tool')
 IM_START, IM_END = '<|im_start|>', '<|im_end|>'
@@ -46,8 +47,7 @@ IM_START, IM_END = '<|im_start|>', '<|im_end|>'
 
 def _is_list_like(value) -> bool:
   # pyarrow's to_pylist gives lists, pandas gives 1-D object arrays.
-  return isinstance(value, (list, tuple)) or (
-      isinstance(value, np.ndarray) and value.ndim == 1)
+  return isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim == 1)
 
 
 def _json_default(value):
@@ -88,10 +88,10 @@ def _tool_call_text(call, index: int) -> str:
     except json.JSONDecodeError as e:
       raise ValueError(f"{where}: 'arguments' is not valid JSON: {e}") from None
   if not isinstance(arguments, Mapping):
-    raise ValueError(f"{where}: 'arguments' must be a JSON object, "
-                     f'got {type(arguments).__name__}')
-  body = json.dumps({'name': name, 'arguments': dict(arguments)},
-                    ensure_ascii=False, default=_json_default)
+    raise ValueError(f"{where}: 'arguments' must be a JSON object, got {type(arguments).__name__}")
+  body = json.dumps(
+    {'name': name, 'arguments': dict(arguments)}, ensure_ascii=False, default=_json_default
+  )
   return f'<tool_call>\n{body}\n</tool_call>'
 
 
@@ -139,8 +139,13 @@ def _parse_turn(turn) -> dict:
       raise ValueError(f"'tool_calls' is only allowed on assistant turns, not {role!r}")
   elif not (content or tool_calls or effort):
     raise ValueError('assistant turn has no content, tool_calls or reasoning')
-  return {'role': role, 'content': content, 'tool_calls': tool_calls,
-          'effort': effort, 'reasoning': reasoning}
+  return {
+    'role': role,
+    'content': content,
+    'tool_calls': tool_calls,
+    'effort': effort,
+    'reasoning': reasoning,
+  }
 
 
 def _parse(value, need_assistant: bool = True) -> list[dict]:
@@ -173,8 +178,7 @@ def _turn_pieces(turn: dict, target: bool) -> list[tuple[str, bool, bool]]:
   pieces = [(IM_START, True, False), (turn['role'] + '\n', False, False)]
   if target and turn['effort'] is not None:
     open_tag, close_tag = EFFORT_TAGS[turn['effort']]
-    pieces += [(open_tag, True, False), (turn['reasoning'], False, True),
-               (close_tag, True, True)]
+    pieces += [(open_tag, True, False), (turn['reasoning'], False, True), (close_tag, True, True)]
   body = turn['content']
   pieces.append((body, False, target))
   for call in turn['tool_calls']:
@@ -197,14 +201,20 @@ def _system_pieces(turns: list[dict], system_prompt) -> list:
 
 def _sample_pieces(conversation, target_turn, system_prompt) -> list:
   turns = _parse(conversation)
-  if (not isinstance(target_turn, (int, np.integer)) or isinstance(target_turn, bool)
-      or not 0 <= target_turn < len(turns)):
-    raise ValueError(f'target_turn {target_turn!r} is not a turn index '
-                     f'(the conversation has {len(turns)} turns)')
+  if (
+    not isinstance(target_turn, (int, np.integer))
+    or isinstance(target_turn, bool)
+    or not 0 <= target_turn < len(turns)
+  ):
+    raise ValueError(
+      f'target_turn {target_turn!r} is not a turn index (the conversation has {len(turns)} turns)'
+    )
   if turns[target_turn]['role'] != 'assistant':
-    raise ValueError(f'target_turn {target_turn} is not an assistant turn '
-                     f"(role {turns[target_turn]['role']!r}); assistant turns: "
-                     f"{[i for i, t in enumerate(turns) if t['role'] == 'assistant']}")
+    raise ValueError(
+      f'target_turn {target_turn} is not an assistant turn '
+      f'(role {turns[target_turn]["role"]!r}); assistant turns: '
+      f'{[i for i, t in enumerate(turns) if t["role"] == "assistant"]}'
+    )
   pieces = _system_pieces(turns, system_prompt)
   for i in range(target_turn + 1):
     pieces += _turn_pieces(turns[i], target=i == target_turn)
@@ -220,8 +230,14 @@ def _encode(pieces, tokenizer) -> tuple[list[int], list[bool]]:
   return tokens, mask
 
 
-def render_sample(conversation, target_turn: int, tokenizer, *,
-                  max_len: int | None = None, system_prompt: str | None = None) -> dict:
+def render_sample(
+  conversation,
+  target_turn: int,
+  tokenizer,
+  *,
+  max_len: int | None = None,
+  system_prompt: str | None = None,
+) -> dict:
   """The SFT sample for one assistant turn: {'tokens': int32[n], 'target_mask': bool[n]}.
 
   `target_mask[i]` marks token i as a prediction target. `system_prompt` is
@@ -238,24 +254,28 @@ def render_sample(conversation, target_turn: int, tokenizer, *,
 
 def render_text(conversation, target_turn: int, *, system_prompt: str | None = None) -> str:
   """The same sample as render_sample, as one string (untruncated)."""
-  return ''.join(text for text, _, _ in
-                 _sample_pieces(conversation, target_turn, system_prompt))
+  return ''.join(text for text, _, _ in _sample_pieces(conversation, target_turn, system_prompt))
 
 
-def render_prompt(messages, tokenizer, reasoning_effort: str = 'high', *,
-                  system_prompt: str | None = None) -> list[int]:
+def render_prompt(
+  messages, tokenizer, reasoning_effort: str = 'high', *, system_prompt: str | None = None
+) -> list[int]:
   """Generation prompt: every message, then the assistant header and open tag.
 
   Assistant messages are rendered without reasoning, as in training samples;
   the model continues with the reasoning, the closing tag and the answer.
   """
   if reasoning_effort not in EFFORT_TAGS:
-    raise ValueError(f'unknown reasoning_effort {reasoning_effort!r}: '
-                     f'expected one of {"|".join(EFFORT_TAGS)}')
+    raise ValueError(
+      f'unknown reasoning_effort {reasoning_effort!r}: expected one of {"|".join(EFFORT_TAGS)}'
+    )
   turns = _parse(messages, need_assistant=False)
   pieces = _system_pieces(turns, system_prompt)
   for turn in turns:
     pieces += _turn_pieces(turn, target=False)
-  pieces += [(IM_START, True, False), ('assistant\n', False, False),
-             (EFFORT_TAGS[reasoning_effort][0], True, False)]
+  pieces += [
+    (IM_START, True, False),
+    ('assistant\n', False, False),
+    (EFFORT_TAGS[reasoning_effort][0], True, False),
+  ]
   return _encode(pieces, tokenizer)[0]

@@ -70,8 +70,14 @@ class _TokenizeText(grain.transforms.Map):
 class _RenderChat(grain.transforms.RandomMap):
   """(conversation, target turn) -> the rendered sample; the system prompt is a seeded draw."""
 
-  def __init__(self, tokenizer: Tokenizer, source: int, max_len: int, system_prompt: str,
-               system_prompt_prob: float):
+  def __init__(
+    self,
+    tokenizer: Tokenizer,
+    source: int,
+    max_len: int,
+    system_prompt: str,
+    system_prompt_prob: float,
+  ):
     self._tokenizer = tokenizer
     self._source = source
     self._max_len = max_len
@@ -81,50 +87,76 @@ class _RenderChat(grain.transforms.RandomMap):
   def random_map(self, sample, rng: np.random.Generator) -> dict[str, np.ndarray]:
     conversation, turn = sample
     prompt = self._system_prompt if rng.random() < self._prob else None
-    rendered = chat.render_sample(conversation, turn, self._tokenizer, max_len=self._max_len,
-                                  system_prompt=prompt)
+    rendered = chat.render_sample(
+      conversation, turn, self._tokenizer, max_len=self._max_len, system_prompt=prompt
+    )
     return _document(rendered['tokens'], rendered['target_mask'], self._source)
 
 
 def _document(tokens, target_mask, source: int) -> dict[str, np.ndarray]:
-  return {'tokens': tokens, 'target_mask': target_mask,
-          'source': np.full(len(tokens), source, np.int32)}
+  return {
+    'tokens': tokens,
+    'target_mask': target_mask,
+    'source': np.full(len(tokens), source, np.int32),
+  }
 
 
-def open_source(path: str, index: int, data_cfg, tokenizer: Tokenizer, *, seed: int,
-                system_prompt_prob: float | None = None, strict: bool = False) -> OpenedSource:
+def open_source(
+  path: str,
+  index: int,
+  data_cfg,
+  tokenizer: Tokenizer,
+  *,
+  seed: int,
+  system_prompt_prob: float | None = None,
+  strict: bool = False,
+) -> OpenedSource:
   """The documents of the source at `path`, which is source number `index` of the run."""
   if prepare.is_prepared(path):
     manifest = prepare.read_manifest(path)
     if manifest['vocab_size'] > tokenizer.vocab_size:
-      raise ValueError(f'{path} was prepared with a {manifest["vocab_size"]}-token tokenizer '
-                       f'({manifest["tokenizer"]}), larger than data.tokenizer '
-                       f'({tokenizer.vocab_size} tokens)')
+      raise ValueError(
+        f'{path} was prepared with a {manifest["vocab_size"]}-token tokenizer '
+        f'({manifest["tokenizer"]}), larger than data.tokenizer '
+        f'({tokenizer.vocab_size} tokens)'
+      )
     if not manifest['documents']:
       raise ValueError(f'{path}: the prepared data holds no documents')
     records = grain.sources.ArrayRecordDataSource(prepare.shard_files(path))
-    documents = grain.MapDataset.source(records).map(
-        _DecodeRecord(manifest['target_mask'], index))
+    documents = grain.MapDataset.source(records).map(_DecodeRecord(manifest['target_mask'], index))
     return OpenedSource(documents, exact_mean_tokens=manifest['tokens'] / manifest['documents'])
 
   data_format = data_cfg.get('format', 'text')
   if data_format not in FORMATS:
     raise ValueError(f'data.format must be one of {"|".join(FORMATS)}, got {data_format!r}')
   if data_format == 'text':
-    read = sources.read_values(path, data_cfg.get('text_field', 'text'), sources.check_text,
-                               strict=strict)
+    read = sources.read_values(
+      path, data_cfg.get('text_field', 'text'), sources.check_text, strict=strict
+    )
     documents = grain.MapDataset.source(read.values).map(_TokenizeText(tokenizer, index))
   else:
-    read = sources.read_values(path, data_cfg.get('chat_field', 'conversations'),
-                               chat.check_conversation, strict=strict)
+    read = sources.read_values(
+      path, data_cfg.get('chat_field', 'conversations'), chat.check_conversation, strict=strict
+    )
     # One sample per assistant turn, listed up front so the samples are random-access.
-    samples = [(conversation, turn) for conversation in read.values
-               for turn in chat.assistant_turns(conversation)]
+    samples = [
+      (conversation, turn)
+      for conversation in read.values
+      for turn in chat.assistant_turns(conversation)
+    ]
     chat_cfg = data_cfg.get('chat', {})
-    prob = system_prompt_prob if system_prompt_prob is not None else chat_cfg.get(
-        'system_prompt_prob', 0.0)
-    render = _RenderChat(tokenizer, index, data_cfg.seq_len,
-                         chat_cfg.get('system_prompt', chat.DEFAULT_SYSTEM_PROMPT), prob)
+    prob = (
+      system_prompt_prob
+      if system_prompt_prob is not None
+      else chat_cfg.get('system_prompt_prob', 0.0)
+    )
+    render = _RenderChat(
+      tokenizer,
+      index,
+      data_cfg.seq_len,
+      chat_cfg.get('system_prompt', chat.DEFAULT_SYSTEM_PROMPT),
+      prob,
+    )
     # Seeded per source, before any shuffling or sharding: a sample's draw is the same on
     # every host count and every epoch.
     documents = grain.MapDataset.source(samples).random_map(render, seed=seed + 7919 * index)

@@ -57,7 +57,9 @@ def _entry(name: str, value, where: str) -> tuple[str, float, str, float | None]
   known = {'tokens', 'epochs', 'path', 'weight', 'system_prompt_prob'}
   unknown = sorted(set(value) - known)
   if unknown:
-    raise ValueError(f'{where}: unknown key(s) {", ".join(unknown)}; known: {", ".join(sorted(known))}')
+    raise ValueError(
+      f'{where}: unknown key(s) {", ".join(unknown)}; known: {", ".join(sorted(known))}'
+    )
   path = value.get('path')
   if not isinstance(path, str) or not path:
     raise ValueError(f'{where}: path must be a non-empty string, got {path!r}')
@@ -68,12 +70,17 @@ def _entry(name: str, value, where: str) -> tuple[str, float, str, float | None]
   elif 'tokens' in value:
     kind, epochs = 'tokens', _number(value.get('epochs', 1), where, 'epochs')
     # "manifest": the token count of the prepared directory at `path`, read once resolved.
-    weight = (('manifest', epochs) if value['tokens'] == 'manifest' else
-              _number(value['tokens'], where, 'tokens') * epochs)
+    weight = (
+      ('manifest', epochs)
+      if value['tokens'] == 'manifest'
+      else _number(value['tokens'], where, 'tokens') * epochs
+    )
   else:
     raise ValueError(f'{where}: needs tokens (and epochs) or a weight')
   prob = value.get('system_prompt_prob')
-  if prob is not None and (isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0 <= prob <= 1):
+  if prob is not None and (
+    isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0 <= prob <= 1
+  ):
     raise ValueError(f'{where}: system_prompt_prob must be in [0, 1], got {prob!r}')
   return kind, weight, path, prob
 
@@ -104,8 +111,10 @@ def load_data_bank(path: str, data_root: str = '') -> list[Source]:
         raise ValueError(f'{path}: source {name!r}: {source_path} holds no tokens')
     resolved[name] = (weight, source_path, prob)
   total = sum(weight for weight, _, _ in resolved.values())
-  return [Source(name, source_path, weight / total, prob)
-          for name, (weight, source_path, prob) in resolved.items()]
+  return [
+    Source(name, source_path, weight / total, prob)
+    for name, (weight, source_path, prob) in resolved.items()
+  ]
 
 
 def _resolve(path: str, root: str) -> str:
@@ -122,8 +131,9 @@ def sources_for(data_cfg, split: str) -> list[Source]:
   key = 'train_files' if split == 'train' else 'eval_files'
   path = data_cfg.get(key, '')
   if not path:
-    raise ValueError(f'data.{key} is empty' +
-                     (' (and data.mixture too)' if split == 'train' else ''))
+    raise ValueError(
+      f'data.{key} is empty' + (' (and data.mixture too)' if split == 'train' else '')
+    )
   return [Source(os.path.basename(path.rstrip('/')) or key, path, 1.0)]
 
 

@@ -56,6 +56,7 @@ MODES = ('document', 'best_fit')
 @dataclasses.dataclass
 class PackingStats:
   """Totals over every batch a packing iterator has returned."""
+
   rows: int = 0
   tokens: int = 0  # row slots: rows * seq_len
   pad_tokens: int = 0  # slots holding no document token
@@ -133,8 +134,12 @@ class _PieceReader:
     k = self._next_piece
     self._next_piece += 1
     start, end = k * self._seq_len, (k + 1) * self._seq_len
-    return _Piece(self._doc['tokens'][start:end], self._doc['target_mask'][start:end],
-                  int(self._doc['source'][0]), start)
+    return _Piece(
+      self._doc['tokens'][start:end],
+      self._doc['target_mask'][start:end],
+      int(self._doc['source'][0]),
+      start,
+    )
 
   def anchor(self) -> dict[str, Any]:
     return self._peeked[0] if self._peeked else self._current_anchor()
@@ -162,8 +167,17 @@ class _PieceReader:
 class PackedBatchIterator(grain.DatasetIterator):
   """Batches of packed rows; `stats` counts what the returned batches hold."""
 
-  def __init__(self, parent: grain.DatasetIterator, *, mode: str, seq_len: int,
-               batch_size: int, pad_id: int, pack_buffer: int, seed: int):
+  def __init__(
+    self,
+    parent: grain.DatasetIterator,
+    *,
+    mode: str,
+    seq_len: int,
+    batch_size: int,
+    pad_id: int,
+    pack_buffer: int,
+    seed: int,
+  ):
     super().__init__(parent)
     if mode not in MODES:
       raise ValueError(f'packing mode must be one of {"|".join(MODES)}, got {mode!r}')
@@ -196,8 +210,10 @@ class PackedBatchIterator(grain.DatasetIterator):
       self._rows = [row]
       return
     items = [self._reader.read() for _ in range(self._pack_buffer)]
-    rows = [[items[i] for i in row]
-            for row in best_fit_rows([len(p.tokens) for p in items], self._seq_len)]
+    rows = [
+      [items[i] for i in row]
+      for row in best_fit_rows([len(p.tokens) for p in items], self._seq_len)
+    ]
     order = np.random.default_rng([self._seed, window]).permutation(len(rows))
     self._rows = [rows[i] for i in order]
 
@@ -213,12 +229,12 @@ class PackedBatchIterator(grain.DatasetIterator):
   def __next__(self) -> dict[str, np.ndarray]:
     shape = (self._batch_size, self._seq_len)
     batch = {
-        'inputs': np.full(shape, self._pad_id, np.int32),
-        'targets': np.full(shape, self._pad_id, np.int32),
-        'positions': np.zeros(shape, np.int32),
-        'segment_ids': np.zeros(shape, np.int32),
-        'loss_mask': np.zeros(shape, np.float32),
-        'source_ids': np.full(shape, -1, np.int32),
+      'inputs': np.full(shape, self._pad_id, np.int32),
+      'targets': np.full(shape, self._pad_id, np.int32),
+      'positions': np.zeros(shape, np.int32),
+      'segment_ids': np.zeros(shape, np.int32),
+      'loss_mask': np.zeros(shape, np.float32),
+      'source_ids': np.full(shape, -1, np.int32),
     }
     for r in range(self._batch_size):
       end = 0
@@ -226,10 +242,10 @@ class PackedBatchIterator(grain.DatasetIterator):
       for segment_id, piece in enumerate(pieces, start=1):
         start, end = end, end + len(piece.tokens)
         batch['inputs'][r, start:end] = piece.tokens
-        batch['targets'][r, start:end - 1] = piece.tokens[1:]
+        batch['targets'][r, start : end - 1] = piece.tokens[1:]
         batch['positions'][r, start:end] = np.arange(piece.start, piece.start + end - start)
         batch['segment_ids'][r, start:end] = segment_id
-        batch['loss_mask'][r, start:end - 1] = piece.target_mask[1:]
+        batch['loss_mask'][r, start : end - 1] = piece.target_mask[1:]
         batch['source_ids'][r, start:end] = piece.source
       self.stats.rows += 1
       self.stats.tokens += self._seq_len
@@ -245,8 +261,12 @@ class PackedBatchIterator(grain.DatasetIterator):
       anchor, window, rows_done = self._reader.anchor(), self._next_window, 0
     else:
       anchor, window, rows_done = self._window_anchor, self._next_window - 1, self._rows_done
-    return {'anchor': anchor, 'window': window, 'rows_done': rows_done,
-            'stats': dataclasses.asdict(self.stats)}
+    return {
+      'anchor': anchor,
+      'window': window,
+      'rows_done': rows_done,
+      'stats': dataclasses.asdict(self.stats),
+    }
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._reader.seek(state['anchor'])

@@ -38,13 +38,12 @@ the data position with the model; the state also records the process count and w
 count, and restoring it under different ones is refused with a clear message.
 """
 
-
 import math
 from typing import Any
 
-from absl import flags
 import grain
 import numpy as np
+from absl import flags
 
 from data_pipeline import documents, mixture, packing
 from data_pipeline.tokenizer import Tokenizer, load_tokenizer
@@ -71,12 +70,12 @@ def _chunk_to_example(chunk: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   tokens = chunk['tokens']
   seq_len = len(tokens) - 1
   return {
-      'inputs': tokens[:-1],
-      'targets': tokens[1:],
-      'positions': np.arange(seq_len, dtype=np.int32),
-      'segment_ids': np.ones(seq_len, dtype=np.int32),
-      'loss_mask': chunk['target_mask'][1:].astype(np.float32),
-      'source_ids': chunk['source'][1:],
+    'inputs': tokens[:-1],
+    'targets': tokens[1:],
+    'positions': np.arange(seq_len, dtype=np.int32),
+    'segment_ids': np.ones(seq_len, dtype=np.int32),
+    'loss_mask': chunk['target_mask'][1:].astype(np.float32),
+    'source_ids': chunk['source'][1:],
   }
 
 
@@ -87,8 +86,9 @@ def _require_int(name: str, value, minimum: int) -> int:
   return int(value)
 
 
-def _local_batch_size(data_cfg, split: str, seed: int, process_index: int,
-                      process_count: int) -> int:
+def _local_batch_size(
+  data_cfg, split: str, seed: int, process_index: int, process_count: int
+) -> int:
   """Validates the arguments; returns the per-process batch size."""
   if split not in SPLITS:
     raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
@@ -107,20 +107,26 @@ def _local_batch_size(data_cfg, split: str, seed: int, process_index: int,
   if _require_int('seed', seed, 0) >= 2**32:
     raise ValueError(f'seed must be < 2**32, got {seed}')
   if global_batch % process_count:
-    raise ValueError(f'data.global_batch_size {global_batch} is not divisible by '
-                     f'process_count {process_count}')
+    raise ValueError(
+      f'data.global_batch_size {global_batch} is not divisible by process_count {process_count}'
+    )
   return global_batch // process_count
 
 
 def auto_pack_buffer(seq_len: int, mean_document_tokens: float) -> int:
   """Documents per best-fit window: enough for ~32 rows, so the window's last, partly filled
   row costs little (at 8K tokens, 256 short documents fill only ~4 rows and pad ~14%)."""
-  return int(min(MAX_PACK_BUFFER, max(DEFAULT_PACK_BUFFER,
-                                      math.ceil(32 * seq_len / max(mean_document_tokens, 1.0)))))
+  return int(
+    min(
+      MAX_PACK_BUFFER,
+      max(DEFAULT_PACK_BUFFER, math.ceil(32 * seq_len / max(mean_document_tokens, 1.0))),
+    )
+  )
 
 
-def build(data_cfg, *, seed: int, split: str, process_index: int = 0,
-          process_count: int = 1) -> 'SourceCountsIterator':
+def build(
+  data_cfg, *, seed: int, split: str, process_index: int = 0, process_count: int = 1
+) -> 'SourceCountsIterator':
   """Endless iterator of this process's batches for `split` ("train" or "eval").
 
   The same config, seed and process give the same batches; eval ignores the seed and
@@ -133,19 +139,28 @@ def build(data_cfg, *, seed: int, split: str, process_index: int = 0,
   for index, source in enumerate(chosen):
     try:
       opened = documents.open_source(
-          source.path, index, data_cfg, tokenizer, seed=seed if split == 'train' else 0,
-          system_prompt_prob=source.system_prompt_prob, strict=data_cfg.get('strict', False))
+        source.path,
+        index,
+        data_cfg,
+        tokenizer,
+        seed=seed if split == 'train' else 0,
+        system_prompt_prob=source.system_prompt_prob,
+        strict=data_cfg.get('strict', False),
+      )
     except FileNotFoundError as e:
       if len(chosen) == 1:
         raise
       raise FileNotFoundError(
-          f'data.mixture source {source.name!r}: {e} (relative paths in {data_cfg.mixture} '
-          'are taken from data.data_root, or the file\'s folder when that is empty)') from None
+        f'data.mixture source {source.name!r}: {e} (relative paths in {data_cfg.mixture} '
+        "are taken from data.data_root, or the file's folder when that is empty)"
+      ) from None
     # Shard whole documents by process, before shuffling, so shards stay disjoint.
     docs = opened.documents[process_index::process_count]
     if len(docs) == 0:
-      raise ValueError(f'{source.path!r} has {len(opened.documents)} document(s): too few '
-                       f'to give process {process_index} of {process_count} any')
+      raise ValueError(
+        f'{source.path!r} has {len(opened.documents)} document(s): too few '
+        f'to give process {process_index} of {process_count} any'
+      )
     if split == 'train':
       docs = docs.shuffle(seed=(seed + index) % 2**32)
     streams.append(docs.repeat())
@@ -172,19 +187,26 @@ def build(data_cfg, *, seed: int, split: str, process_index: int = 0,
 
   if mode == 'concat':
     chunks = grain.experimental.ConcatThenSplitIterDataset(
-        stream, length_struct={key: data_cfg.seq_len + 1 for key in _DOCUMENT_KEYS})
+      stream, length_struct={key: data_cfg.seq_len + 1 for key in _DOCUMENT_KEYS}
+    )
     batches = chunks.map(_chunk_to_example).batch(local_batch, drop_remainder=True)
   else:
     # A SentencePiece model without a pad piece answers -1; EOD then pads (masked anyway).
     pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
     batches = packing.PackedBatchIterDataset(
-        stream, mode=mode, seq_len=data_cfg.seq_len, batch_size=local_batch, pad_id=pad_id,
-        pack_buffer=pack_buffer or DEFAULT_PACK_BUFFER,
-        # Eval ignores the seed (see above), also for the order of packed rows.
-        seed=seed if split == 'train' else 0)
+      stream,
+      mode=mode,
+      seq_len=data_cfg.seq_len,
+      batch_size=local_batch,
+      pad_id=pad_id,
+      pack_buffer=pack_buffer or DEFAULT_PACK_BUFFER,
+      # Eval ignores the seed (see above), also for the order of packed rows.
+      seed=seed if split == 'train' else 0,
+    )
   layout = {'process_count': process_count, 'worker_count': worker_count}
-  return SourceCountsIterator(iter(batches), [s.name for s in chosen],
-                              [s.share for s in chosen], layout)
+  return SourceCountsIterator(
+    iter(batches), [s.name for s in chosen], [s.share for s in chosen], layout
+  )
 
 
 class SourceCountsIterator(grain.DatasetIterator):
@@ -195,8 +217,13 @@ class SourceCountsIterator(grain.DatasetIterator):
   positions, and this process's shard of every source, mean nothing under other counts.
   """
 
-  def __init__(self, parent: grain.DatasetIterator, names: list[str], shares: list[float],
-               layout: dict[str, int]):
+  def __init__(
+    self,
+    parent: grain.DatasetIterator,
+    names: list[str],
+    shares: list[float],
+    layout: dict[str, int],
+  ):
     super().__init__(parent)
     self.names = names
     self.requested_shares = shares
@@ -217,16 +244,20 @@ class SourceCountsIterator(grain.DatasetIterator):
     return {name: int(n) / total for name, n in zip(self.names, self.source_tokens)}
 
   def get_state(self) -> dict[str, Any]:
-    return {'batches': self._parent.get_state(), 'source_tokens': self.source_tokens.tolist(),
-            **self._layout}
+    return {
+      'batches': self._parent.get_state(),
+      'source_tokens': self.source_tokens.tolist(),
+      **self._layout,
+    }
 
   def set_state(self, state: dict[str, Any]) -> None:
     for key, now in self._layout.items():
       saved = state.get(key, now)
       if saved != now:
         raise ValueError(
-            f'the data position was saved with data.{key}={saved} and this run has {now}: '
-            f'restart with {saved} {key.replace("_count", "")}(s) or start the stage afresh')
+          f'the data position was saved with data.{key}={saved} and this run has {now}: '
+          f'restart with {saved} {key.replace("_count", "")}(s) or start the stage afresh'
+        )
     self._parent.set_state(state['batches'])
     self.source_tokens = np.asarray(state['source_tokens'], np.int64)
 

@@ -43,6 +43,7 @@ FORMATS = ('text', 'chat')
 @dataclasses.dataclass(frozen=True)
 class Request:
   """What a preparation is asked to do; a rerun into the same directory must ask the same."""
+
   inputs: tuple[str, ...]
   tokenizer: str
   format: str = 'text'  # text | chat
@@ -77,8 +78,11 @@ def read_manifest(directory: str) -> dict:
   """The manifest of a finished preparation; clear errors for anything else."""
   path = os.path.join(directory, MANIFEST)
   if not os.path.isfile(path):
-    hint = (' (its preparation has not finished: rerun data_pipeline.prepare)'
-            if os.path.exists(os.path.join(directory, REQUEST)) else '')
+    hint = (
+      ' (its preparation has not finished: rerun data_pipeline.prepare)'
+      if os.path.exists(os.path.join(directory, REQUEST))
+      else ''
+    )
     raise FileNotFoundError(f'{directory} is not a prepared data directory: no {MANIFEST}{hint}')
   with open(path) as f:
     try:
@@ -91,8 +95,9 @@ def read_manifest(directory: str) -> dict:
 
 
 def is_prepared(path: str) -> bool:
-  return os.path.isdir(path) and (os.path.exists(os.path.join(path, MANIFEST)) or
-                                  os.path.exists(os.path.join(path, REQUEST)))
+  return os.path.isdir(path) and (
+    os.path.exists(os.path.join(path, MANIFEST)) or os.path.exists(os.path.join(path, REQUEST))
+  )
 
 
 def shard_files(directory: str) -> list[str]:
@@ -102,9 +107,11 @@ def shard_files(directory: str) -> list[str]:
 
 # --- one shard (runs in a worker process) ------------------------------------------
 
+
 def _documents(request: Request, input_path: str, index: int, tokenizer):
   """Yields (tokens, target_mask or None) for each document or sample of one input file."""
   from data_pipeline import chat, sources
+
   if request.format == 'text':
     texts = sources.read_values(input_path, request.field, sources.check_text).values
     for text in texts:
@@ -116,15 +123,18 @@ def _documents(request: Request, input_path: str, index: int, tokenizer):
   for conversation in conversations:
     for turn in chat.assistant_turns(conversation):
       prompt = chat.DEFAULT_SYSTEM_PROMPT if rng.random() < request.system_prompt_prob else None
-      sample = chat.render_sample(conversation, turn, tokenizer, max_len=request.max_len or None,
-                                  system_prompt=prompt)
+      sample = chat.render_sample(
+        conversation, turn, tokenizer, max_len=request.max_len or None, system_prompt=prompt
+      )
       yield sample['tokens'], sample['target_mask']
 
 
 def prepare_shard(request: Request, output: str, index: int) -> dict:
   """Tokenizes input file `index` into its shard; returns (and writes) the shard's counts."""
   from array_record.python import array_record_module
+
   from data_pipeline.tokenizer import load_tokenizer
+
   tokenizer = load_tokenizer(request.tokenizer)
   final = shard_path(output, index, '.array_record')
   temporary = final + '.tmp'
@@ -139,9 +149,13 @@ def prepare_shard(request: Request, output: str, index: int) -> dict:
   finally:
     writer.close()
   os.replace(temporary, final)
-  counts = {'file': os.path.basename(final), 'input': request.inputs[index],
-            'documents': documents, 'tokens': tokens,
-            'max_tokens': max_tokens}
+  counts = {
+    'file': os.path.basename(final),
+    'input': request.inputs[index],
+    'documents': documents,
+    'tokens': tokens,
+    'max_tokens': max_tokens,
+  }
   _write_json(shard_path(output, index, '.json'), counts)
   return counts
 
@@ -163,8 +177,10 @@ def _check_request(output: str, request: Request) -> None:
       before = json.load(f)
     changed = sorted(k for k in asked if before.get(k) != asked[k])
     if changed:
-      raise ValueError(f'{output} was prepared with different {", ".join(changed)} '
-                       f'(see {path}); use a new --output directory')
+      raise ValueError(
+        f'{output} was prepared with different {", ".join(changed)} '
+        f'(see {path}); use a new --output directory'
+      )
   else:
     os.makedirs(os.path.join(output, 'shards'), exist_ok=True)
     _write_json(path, asked)
@@ -188,6 +204,7 @@ def _run_shard(args):
 def prepare(request: Request, output: str, workers: int = 1, progress: bool = True) -> dict:
   """Prepares every input file not already done; writes and returns the manifest."""
   from data_pipeline.tokenizer import load_tokenizer
+
   if request.format not in FORMATS:
     raise ValueError(f'--format must be one of {"|".join(FORMATS)}, got {request.format!r}')
   tokenizer = load_tokenizer(request.tokenizer)  # fail on a bad tokenizer before any work
@@ -215,15 +232,15 @@ def prepare(request: Request, output: str, workers: int = 1, progress: bool = Tr
   bar.close()
   shards = [done[i] for i in range(len(request.inputs))]
   manifest = {
-      'version': RECORD_VERSION,
-      'format': request.format,
-      'target_mask': request.format == 'chat',
-      'eod_appended': request.format == 'text',
-      'tokenizer': request.tokenizer,
-      'vocab_size': tokenizer.vocab_size,
-      'documents': sum(s['documents'] for s in shards),
-      'tokens': sum(s['tokens'] for s in shards),
-      'shards': shards,
+    'version': RECORD_VERSION,
+    'format': request.format,
+    'target_mask': request.format == 'chat',
+    'eod_appended': request.format == 'text',
+    'tokenizer': request.tokenizer,
+    'vocab_size': tokenizer.vocab_size,
+    'documents': sum(s['documents'] for s in shards),
+    'tokens': sum(s['tokens'] for s in shards),
+    'shards': shards,
   }
   _write_json(os.path.join(output, MANIFEST), manifest)
   return manifest
@@ -231,8 +248,10 @@ def prepare(request: Request, output: str, workers: int = 1, progress: bool = Tr
 
 def _progress_bar(total: int, initial: int, enabled: bool):
   from tqdm import tqdm
-  return tqdm(total=total, initial=initial, unit='file', disable=not enabled,
-              desc='prepare', file=sys.stderr)
+
+  return tqdm(
+    total=total, initial=initial, unit='file', disable=not enabled, desc='prepare', file=sys.stderr
+  )
 
 
 def _advance(bar, new_tokens: int, start: float) -> None:
@@ -243,35 +262,51 @@ def _advance(bar, new_tokens: int, start: float) -> None:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--input', required=True,
-                      help='glob(s) or folder of .jsonl[.gz|.zst] / .parquet files, or URLs')
+  parser.add_argument(
+    '--input', required=True, help='glob(s) or folder of .jsonl[.gz|.zst] / .parquet files, or URLs'
+  )
   parser.add_argument('--tokenizer', required=True, help='SentencePiece .model or tokenizer.json')
   parser.add_argument('--output', required=True, help='directory to write (created)')
-  parser.add_argument('--format', default='text', choices=FORMATS,
-                      help='text documents, or chat conversations rendered per assistant turn')
-  parser.add_argument('--field', default=None,
-                      help="record field (default: 'text', or 'conversations' for chat)")
+  parser.add_argument(
+    '--format',
+    default='text',
+    choices=FORMATS,
+    help='text documents, or chat conversations rendered per assistant turn',
+  )
+  parser.add_argument(
+    '--field', default=None, help="record field (default: 'text', or 'conversations' for chat)"
+  )
   parser.add_argument('--max_len', type=int, default=0, help='chat: truncate samples (0: off)')
-  parser.add_argument('--system_prompt_prob', type=float, default=0.1,
-                      help="chat: chance of adding K2's system prompt to a sample without one")
+  parser.add_argument(
+    '--system_prompt_prob',
+    type=float,
+    default=0.1,
+    help="chat: chance of adding K2's system prompt to a sample without one",
+  )
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--workers', type=int, default=os.cpu_count() or 1)
   args = parser.parse_args(argv)
   from data_pipeline import sources
+
   try:
     inputs = tuple(sources.match_files(args.input))
     request = Request(
-        inputs=inputs, tokenizer=os.path.abspath(args.tokenizer), format=args.format,
-        field=args.field or ('conversations' if args.format == 'chat' else 'text'),
-        max_len=args.max_len,
-        system_prompt_prob=args.system_prompt_prob if args.format == 'chat' else 0.0,
-        seed=args.seed)
+      inputs=inputs,
+      tokenizer=os.path.abspath(args.tokenizer),
+      format=args.format,
+      field=args.field or ('conversations' if args.format == 'chat' else 'text'),
+      max_len=args.max_len,
+      system_prompt_prob=args.system_prompt_prob if args.format == 'chat' else 0.0,
+      seed=args.seed,
+    )
     manifest = prepare(request, args.output, workers=max(1, args.workers))
   except (ValueError, FileNotFoundError, KeyError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  print(f'{args.output}: {manifest["documents"]:,} documents, {manifest["tokens"]:,} tokens '
-        f'in {len(manifest["shards"])} shard(s)')
+  print(
+    f'{args.output}: {manifest["documents"]:,} documents, {manifest["tokens"]:,} tokens '
+    f'in {len(manifest["shards"])} shard(s)'
+  )
   return 0
 
 

@@ -73,8 +73,10 @@ def check_text(value) -> str:
 def _check_suffixes(paths: list[str], pattern: str) -> None:
   for path in paths:
     if not path.endswith(SUFFIXES):
-      raise ValueError(f'{path} (matched by {pattern!r}) is not a supported file; '
-                       f'supported suffixes: {", ".join(SUFFIXES)}')
+      raise ValueError(
+        f'{path} (matched by {pattern!r}) is not a supported file; '
+        f'supported suffixes: {", ".join(SUFFIXES)}'
+      )
 
 
 def _files_under(directory: str) -> list[str]:
@@ -102,8 +104,12 @@ def _match_url(pattern: str) -> list[str]:
   fs, path = fsspec.core.url_to_fs(pattern)
   if not _MAGIC.search(path) and fs.isdir(path):
     root = path.rstrip('/') + '/'
-    found = [p for p in fs.find(path) if p.endswith(SUFFIXES)
-             and not any(part.startswith('.') for part in p[len(root):].split('/'))]
+    found = [
+      p
+      for p in fs.find(path)
+      if p.endswith(SUFFIXES)
+      and not any(part.startswith('.') for part in p[len(root) :].split('/'))
+    ]
   else:
     try:
       infos = fs.glob(path, detail=True)
@@ -260,8 +266,9 @@ def _read_parquet(path: str, raw, out: _Collector) -> None:
     out.bad(f'{path}: corrupt parquet data after {row} row(s) ({e})')
 
 
-def read_values(pattern: str, field: str, check: Callable | None = None, *,
-                strict: bool = False) -> ReadResult:
+def read_values(
+  pattern: str, field: str, check: Callable | None = None, *, strict: bool = False
+) -> ReadResult:
   """`field` of every record in the files matching `pattern`, in file then record order.
 
   `check(value)` returns the value to keep or raises ValueError saying what is
@@ -283,6 +290,8 @@ def read_values(pattern: str, field: str, check: Callable | None = None, *,
   if out.skipped:
     logger.warning('skipped %d bad record(s) in files matching %r', out.skipped, pattern)
   if not out.values:
-    raise ValueError(f'no usable {field!r} values in files matching {pattern!r} '
-                     f'({out.skipped} bad record(s) skipped)')
+    raise ValueError(
+      f'no usable {field!r} values in files matching {pattern!r} '
+      f'({out.skipped} bad record(s) skipped)'
+    )
   return ReadResult(out.values, out.skipped, files)

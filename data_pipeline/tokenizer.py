@@ -27,10 +27,14 @@ HF_CONFIG_FILE = 'tokenizer_config.json'
 
 # ChatML turn markers and the three reasoning-effort tags, each one token.
 SPECIAL_TOKENS = (
-    '<|im_start|>', '<|im_end|>',
-    '<think>', '</think>',
-    '<think_fast>', '</think_fast>',
-    '<think_faster>', '</think_faster>',
+  '<|im_start|>',
+  '<|im_end|>',
+  '<think>',
+  '</think>',
+  '<think_fast>',
+  '</think_fast>',
+  '<think_faster>',
+  '</think_faster>',
 )
 
 
@@ -157,12 +161,15 @@ class HFTokenizer(Tokenizer):
         ids.append(default)
         continue
       if not isinstance(token, str):
-        raise ValueError(f'{key} in {config_path} is neither a string nor a '
-                         f'dict with a "content" string: {config[key]!r}')
+        raise ValueError(
+          f'{key} in {config_path} is neither a string nor a '
+          f'dict with a "content" string: {config[key]!r}'
+        )
       token_id = self._tok.token_to_id(token)
       if token_id is None:
-        raise ValueError(f'{key} {token!r} from {config_path} is not in the '
-                         f'vocabulary of {self._path}')
+        raise ValueError(
+          f'{key} {token!r} from {config_path} is not in the vocabulary of {self._path}'
+        )
       ids.append(token_id)
     return tuple(ids)
 
@@ -207,8 +214,10 @@ class HFTokenizer(Tokenizer):
     return (HFTokenizer, (self._path,))
 
 
-_ACCEPTED_FORMS = (f'a SentencePiece .model file, an HF {HF_TOKENIZER_FILE} '
-                   f'(any *.json) file, or an HF model folder holding {HF_TOKENIZER_FILE}')
+_ACCEPTED_FORMS = (
+  f'a SentencePiece .model file, an HF {HF_TOKENIZER_FILE} '
+  f'(any *.json) file, or an HF model folder holding {HF_TOKENIZER_FILE}'
+)
 
 
 def load_tokenizer(path: str) -> Tokenizer:
@@ -218,12 +227,13 @@ def load_tokenizer(path: str) -> Tokenizer:
     hf_file = os.path.join(path, HF_TOKENIZER_FILE)
     if os.path.isfile(hf_file):
       return HFTokenizer(hf_file)
-    raise ValueError(f'unsupported tokenizer folder {path}: it has no '
-                     f'{HF_TOKENIZER_FILE}; expected {_ACCEPTED_FORMS}')
+    raise ValueError(
+      f'unsupported tokenizer folder {path}: it has no '
+      f'{HF_TOKENIZER_FILE}; expected {_ACCEPTED_FORMS}'
+    )
   if path.endswith('.model'):
     return SentencePieceTokenizer(path)
   if path.endswith('.json'):
     return HFTokenizer(path)
   missing = '' if os.path.exists(path) else ' (it does not exist)'
-  raise ValueError(f'unsupported tokenizer path {path}{missing}: expected '
-                   f'{_ACCEPTED_FORMS}')
+  raise ValueError(f'unsupported tokenizer path {path}{missing}: expected {_ACCEPTED_FORMS}')

@@ -45,28 +45,31 @@ def train(input_glob: str, vocab_size: int, out_path: str, text_field: str = 'te
   sources.match_files(input_glob)  # FileNotFoundError naming the glob
   model = io.BytesIO()
   spm.SentencePieceTrainer.Train(
-      sentence_iterator=_documents(input_glob, text_field),
-      model_writer=model,
-      model_type='bpe',
-      vocab_size=vocab_size,
-      character_coverage=1.0,
-      byte_fallback=True,
-      # Digits one per token, as in Llama-style tokenizers: easier arithmetic.
-      split_digits=True,
-      # Keep text exactly as written so decode(encode(text)) == text.
-      normalization_rule_name='identity',
-      remove_extra_whitespaces=False,
-      # No "▁" prepended to each text: a document start then encodes like any
-      # other position, and a lone "▁" token does not precede "<|im_start|>".
-      add_dummy_prefix=False,
-      max_sentence_length=1 << 20,
-      bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID, pad_id=PAD_ID,
-      user_defined_symbols=list(SPECIAL_TOKENS),
-      # Use every document, in order, so training is reproducible.
-      input_sentence_size=0,
-      shuffle_input_sentence=False,
-      num_threads=1,
-      minloglevel=2,
+    sentence_iterator=_documents(input_glob, text_field),
+    model_writer=model,
+    model_type='bpe',
+    vocab_size=vocab_size,
+    character_coverage=1.0,
+    byte_fallback=True,
+    # Digits one per token, as in Llama-style tokenizers: easier arithmetic.
+    split_digits=True,
+    # Keep text exactly as written so decode(encode(text)) == text.
+    normalization_rule_name='identity',
+    remove_extra_whitespaces=False,
+    # No "▁" prepended to each text: a document start then encodes like any
+    # other position, and a lone "▁" token does not precede "<|im_start|>".
+    add_dummy_prefix=False,
+    max_sentence_length=1 << 20,
+    bos_id=BOS_ID,
+    eos_id=EOS_ID,
+    unk_id=UNK_ID,
+    pad_id=PAD_ID,
+    user_defined_symbols=list(SPECIAL_TOKENS),
+    # Use every document, in order, so training is reproducible.
+    input_sentence_size=0,
+    shuffle_input_sentence=False,
+    num_threads=1,
+    minloglevel=2,
   )
   os.makedirs(os.path.dirname(out_path) or '.', exist_ok=True)
   with open(out_path, 'wb') as f:
@@ -82,45 +85,52 @@ def train_hf(input_glob: str, vocab_size: int, out_path: str, text_field: str = 
   """
   sources.match_files(input_glob)  # FileNotFoundError naming the glob
   if not out_path.endswith('.json'):
-    raise ValueError(f'--out={out_path}: an HF tokenizer must be a .json file '
-                     '(load_tokenizer picks the implementation by suffix)')
+    raise ValueError(
+      f'--out={out_path}: an HF tokenizer must be a .json file '
+      '(load_tokenizer picks the implementation by suffix)'
+    )
   documents = list(_documents(input_glob, text_field))
   tokenizer = tokenizers.Tokenizer(models.BPE())
-  tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+  tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+    [
       # Digits one per token, as in the SentencePiece tokenizer.
       pre_tokenizers.Digits(individual_digits=True),
       # No space prepended: a document start encodes like any other position
       # and decode(encode(text)) == text.
       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-  ])
+    ]
+  )
   tokenizer.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(
-      vocab_size=vocab_size,
-      # special=True and normalized=False: matched in raw text before
-      # pre-tokenization, so each is always exactly one token.
-      special_tokens=[tokenizers.AddedToken(t, special=True, normalized=False)
-                      for t in HF_SPECIAL_TOKENS],
-      # All 256 bytes, so any text encodes (no unk) even with a tiny vocabulary.
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-      show_progress=False,
+    vocab_size=vocab_size,
+    # special=True and normalized=False: matched in raw text before
+    # pre-tokenization, so each is always exactly one token.
+    special_tokens=[
+      tokenizers.AddedToken(t, special=True, normalized=False) for t in HF_SPECIAL_TOKENS
+    ],
+    # All 256 bytes, so any text encodes (no unk) even with a tiny vocabulary.
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    show_progress=False,
   )
   tokenizer.train_from_iterator(documents, trainer, length=len(documents))
   if tokenizer.get_vocab_size() != vocab_size:
-    raise ValueError(f'--input={input_glob} is too small for --vocab_size={vocab_size}: '
-                     f'BPE stopped at {tokenizer.get_vocab_size()} tokens')
+    raise ValueError(
+      f'--input={input_glob} is too small for --vocab_size={vocab_size}: '
+      f'BPE stopped at {tokenizer.get_vocab_size()} tokens'
+    )
   for token_id, token in enumerate(HF_SPECIAL_TOKENS):
     if tokenizer.token_to_id(token) != token_id:
       raise RuntimeError(f'{token!r} got id {tokenizer.token_to_id(token)}, expected {token_id}')
   os.makedirs(os.path.dirname(out_path) or '.', exist_ok=True)
   tokenizer.save(out_path)
   config = {
-      # What AutoTokenizer needs to load the folder as this exact tokenizer.
-      'tokenizer_class': 'PreTrainedTokenizerFast',
-      'bos_token': HF_BOS,
-      'eos_token': HF_EOS,
-      'unk_token': HF_UNK,
-      'pad_token': HF_PAD,
-      'clean_up_tokenization_spaces': False,
+    # What AutoTokenizer needs to load the folder as this exact tokenizer.
+    'tokenizer_class': 'PreTrainedTokenizerFast',
+    'bos_token': HF_BOS,
+    'eos_token': HF_EOS,
+    'unk_token': HF_UNK,
+    'pad_token': HF_PAD,
+    'clean_up_tokenization_spaces': False,
   }
   config_path = os.path.join(os.path.dirname(out_path), HF_CONFIG_FILE)
   with open(config_path, 'w', encoding='utf-8') as f:
@@ -129,13 +139,17 @@ def train_hf(input_glob: str, vocab_size: int, out_path: str, text_field: str = 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--kind', choices=('sentencepiece', 'hf'), default='sentencepiece',
-                      help='sentencepiece: a .model; hf: a byte-level BPE tokenizer.json '
-                      'plus tokenizer_config.json')
+  parser.add_argument(
+    '--kind',
+    choices=('sentencepiece', 'hf'),
+    default='sentencepiece',
+    help='sentencepiece: a .model; hf: a byte-level BPE tokenizer.json plus tokenizer_config.json',
+  )
   parser.add_argument('--input', required=True, help='glob of JSONL files')
   parser.add_argument('--vocab_size', type=int, default=2048)
-  parser.add_argument('--out', required=True,
-                      help='path of the .model (sentencepiece) or .json (hf) to write')
+  parser.add_argument(
+    '--out', required=True, help='path of the .model (sentencepiece) or .json (hf) to write'
+  )
   parser.add_argument('--text_field', default='text')
   args = parser.parse_args()
   train_fn = train_hf if args.kind == 'hf' else train

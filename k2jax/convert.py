@@ -31,12 +31,25 @@ import time
 import numpy as np
 from absl import logging
 
-from k2jax import model_config, run_config
-from k2jax.hf_format import (LAYER_PREFIX, SHAPE_FIELDS, TENSORS, _inner, _param_shapes,
-                             _preset_of, _read_json, _write_json, hf_config, hf_entries,
-                             hf_index, hf_shape, model_config_from_hf)
-from k2jax.hf_tokenizer import export_tokenizer
-from k2jax.safetensors_io import HFReader, SafetensorsShards, hf_weights
+from k2jax import run_config
+from k2jax.hf.safetensors_io import HFReader, SafetensorsShards, hf_weights
+from k2jax.hf.schema import (
+  LAYER_PREFIX,
+  SHAPE_FIELDS,
+  TENSORS,
+  _inner,
+  _param_shapes,
+  _preset_of,
+  _read_json,
+  _write_json,
+  hf_config,
+  hf_entries,
+  hf_index,
+  hf_shape,
+  model_config_from_hf,
+)
+from k2jax.hf.tokenizer import export_tokenizer
+from k2jax.model import config as model_config
 
 # Errors that mean "the input is wrong": reported in one line, no traceback (as k2jax.train).
 USER_ERRORS = (ValueError, FileNotFoundError, NotImplementedError)
@@ -44,6 +57,7 @@ GB = 1e9
 
 
 # --- to-hf --------------------------------------------------------------------------------
+
 
 def _chunks(shape, chunk):
   """The storage chunks of an array, as boxes: each is read (and decompressed) exactly once.
@@ -59,15 +73,17 @@ def _open_params(params_dir: str) -> dict:
   import tensorstore as ts
   from etils import epath
 
-  from k2jax import sharding
+  from k2jax.parallel import sharding
+
   metadata = ocp.StandardCheckpointer().metadata(params_dir).item_metadata
   parent = epath.Path(params_dir)
   use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(parent)
   context = ocp.type_handlers.get_ts_context(use_ocdbt=use_ocdbt)  # caches no array data
   stores = {}
   for path, meta in jax.tree_util.tree_flatten_with_path(metadata.tree)[0]:
-    info = ocp.type_handlers.ParamInfo(name=meta.name, parent_dir=parent, ts_context=context,
-                                       use_zarr3=metadata.use_zarr3)
+    info = ocp.type_handlers.ParamInfo(
+      name=meta.name, parent_dir=parent, ts_context=context, use_zarr3=metadata.use_zarr3
+    )
     spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=use_ocdbt)
     stores[sharding.path_name(path)] = ts.open(spec, context=context, read=True).result()
   return stores
@@ -76,9 +92,12 @@ def _open_params(params_dir: str) -> dict:
 def _run_config(step_dir: str) -> dict:
   path = os.path.join(step_dir, 'config')
   if not os.path.isdir(path):
-    raise FileNotFoundError(f'{step_dir} has no config/ item (the run config that names the '
-                            'model, its RoPE base and sequence length)')
+    raise FileNotFoundError(
+      f'{step_dir} has no config/ item (the run config that names the '
+      'model, its RoPE base and sequence length)'
+    )
   import orbax.checkpoint as ocp
+
   return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path)
 
 
@@ -89,8 +108,9 @@ def _copy_array(store, path: str, shards: SafetensorsShards):
   for box in _chunks(store.shape, store.chunk_layout.read_chunk.shape):
     block = store[box].read().result()
     for j, layer in enumerate(range(box[0].start, box[0].stop) if layered else [None]):
-      name, values, inner = (spec.hf.format(layer), block[j], box[1:]) if layered else \
-          (spec.hf, block, box)
+      name, values, inner = (
+        (spec.hf.format(layer), block[j], box[1:]) if layered else (spec.hf, block, box)
+      )
       if spec.norm:
         values = values.astype(np.float32) + 1.0
       index = hf_index(spec, inner, inner_shape)
@@ -104,20 +124,30 @@ def _check_out(out: str):
     raise ValueError(f'--out={out} exists and is not an empty directory')
 
 
-def to_hf(checkpoint: str, out: str, *, dtype: str = 'bfloat16', tokenizer: str | None = None,
-          shard_size: float = 5 * GB, log=print) -> str:
+def to_hf(
+  checkpoint: str,
+  out: str,
+  *,
+  dtype: str = 'bfloat16',
+  tokenizer: str | None = None,
+  shard_size: float = 5 * GB,
+  log=print,
+) -> str:
   """Writes `out`: config.json, generation_config.json, sharded safetensors with their
   index, and the tokenizer. Returns the step directory converted."""
   import ml_collections
 
-  from k2jax import checkpoint as checkpoints
+  from k2jax.training import checkpoint as checkpoints
+
   if dtype not in ('bfloat16', 'float32'):
     raise ValueError(f'--dtype={dtype} is not one of bfloat16|float32')
   try:
     step_dir = checkpoints.resolve_step_dir(checkpoint)
   except FileNotFoundError:
-    raise FileNotFoundError(f'--checkpoint={checkpoint} is neither a step directory (with '
-                            'params/) nor a workdir with a committed checkpoint') from None
+    raise FileNotFoundError(
+      f'--checkpoint={checkpoint} is neither a step directory (with '
+      'params/) nor a workdir with a committed checkpoint'
+    ) from None
   run = _run_config(step_dir)
   if not isinstance(run.get('model'), dict) or 'seq_len' not in run.get('data', {}):
     raise ValueError(f'{step_dir}/config names no model or data.seq_len')
@@ -138,12 +168,20 @@ def to_hf(checkpoint: str, out: str, *, dtype: str = 'bfloat16', tokenizer: str 
     ids = export_tokenizer(tokenizer, partial, seq_len, model.vocab_size)
   else:
     log('to-hf: no tokenizer (pass --tokenizer=PATH): weights and configs only')
-  shards = SafetensorsShards(partial, [(name, hf_shape(TENSORS[path], _inner(
-      path, shapes[path].shape))) for name, path in hf_entries(model, shapes)], dtype,
-                             shard_size)
+  shards = SafetensorsShards(
+    partial,
+    [
+      (name, hf_shape(TENSORS[path], _inner(path, shapes[path].shape)))
+      for name, path in hf_entries(model, shapes)
+    ],
+    dtype,
+    shard_size,
+  )
   total = shards.total_bytes / GB
-  log(f'to-hf: {step_dir} -> {out}: {total:.2f} GB {dtype} in '
-      f'{len(set(shards.files.values()))} file(s)')
+  log(
+    f'to-hf: {step_dir} -> {out}: {total:.2f} GB {dtype} in '
+    f'{len(set(shards.files.values()))} file(s)'
+  )
   stores = _open_params(os.path.join(step_dir, 'params'))
   written = unreleased = 0
   last_log = time.time()
@@ -170,11 +208,13 @@ def to_hf(checkpoint: str, out: str, *, dtype: str = 'bfloat16', tokenizer: str 
 
 # --- from-hf ------------------------------------------------------------------------------
 
+
 def parse_mesh(spec: str):
   """'data:8,tensor:2' -> the `mesh` config section (missing axes 1, FSDP on)."""
   import ml_collections
 
-  from k2jax import sharding
+  from k2jax.parallel import sharding
+
   sizes = {**dict.fromkeys(sharding.AXES, 1), **run_config.parse_mesh(spec)}
   return ml_collections.ConfigDict(dict(sizes, fsdp=True))
 
@@ -183,6 +223,7 @@ def _sharded_array(shape, sharding, read):
   """jax.make_array_from_callback, but each shard goes to its device as soon as it is read,
   so the host holds one shard at a time instead of every local shard of the array."""
   import jax
+
   arrays, placed = [], {}
   for device, index in sharding.addressable_devices_indices_map(shape).items():
     box = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
@@ -196,32 +237,43 @@ def _sharded_array(shape, sharding, read):
 def _stage_run_config(model, max_positions: int, hf_dir: str, config: str | None, log):
   """(ModelConfig, run config JSON) for the output's config/ item; --config must match."""
   tokenizer = hf_dir if os.path.isfile(os.path.join(hf_dir, 'tokenizer.json')) else ''
-  run = {'model': {'preset': _preset_of(model), 'param_dtype': 'float32',
-                   **{f: getattr(model, f) for f in SHAPE_FIELDS + ('rope_base', 'norm_eps')}},
-         'data': {'seq_len': max_positions, 'tokenizer': tokenizer}}
+  run = {
+    'model': {
+      'preset': _preset_of(model),
+      'param_dtype': 'float32',
+      **{f: getattr(model, f) for f in SHAPE_FIELDS + ('rope_base', 'norm_eps')},
+    },
+    'data': {'seq_len': max_positions, 'tokenizer': tokenizer},
+  }
   if config:
     stage = run_config.load(config)
     wanted = model_config.from_config(stage.model)
     for field in SHAPE_FIELDS + ('norm_eps',):
       if getattr(wanted, field) != getattr(model, field):
-        raise ValueError(f'{hf_dir}/config.json: model.{field} is {getattr(model, field)} but '
-                         f'--config={config} has {getattr(wanted, field)}')
+        raise ValueError(
+          f'{hf_dir}/config.json: model.{field} is {getattr(model, field)} but '
+          f'--config={config} has {getattr(wanted, field)}'
+        )
     if wanted.rope_base != model.rope_base:
-      log(f'from-hf: note: the HF model uses RoPE base {model.rope_base:g}; --config={config} '
-          f'trains with {wanted.rope_base:g}')
+      log(
+        f'from-hf: note: the HF model uses RoPE base {model.rope_base:g}; --config={config} '
+        f'trains with {wanted.rope_base:g}'
+      )
     model, run = wanted, json.loads(stage.to_json_best_effort())
   return model, dict(run, converted_from=os.path.abspath(hf_dir))
 
 
-def from_hf(hf_dir: str, out: str, *, config: str | None = None, mesh: str = 'data:-1',
-            log=print) -> model_config.ModelConfig:
+def from_hf(
+  hf_dir: str, out: str, *, config: str | None = None, mesh: str = 'data:-1', log=print
+) -> model_config.ModelConfig:
   """Writes `out/params` (Orbax, the training tree and dtypes) and `out/config` (a run
   config JSON naming the model); returns the model's config."""
   import flax.linen as nn
   import jax
   import orbax.checkpoint as ocp
 
-  from k2jax import sharding
+  from k2jax.parallel import sharding
+
   if not os.path.isdir(hf_dir):
     raise FileNotFoundError(f'--hf={hf_dir} is not a directory')
   if os.path.exists(out):
@@ -240,11 +292,16 @@ def from_hf(hf_dir: str, out: str, *, config: str | None = None, mesh: str = 'da
 
     def build(key_path, abstract, array_sharding):
       path = sharding.path_name(key_path)
-      array = _sharded_array(abstract.shape, array_sharding,
-                             lambda box: reader.read(path, box, abstract.shape, abstract.dtype))
+      array = _sharded_array(
+        abstract.shape,
+        array_sharding,
+        lambda box: reader.read(path, box, abstract.shape, abstract.dtype),
+      )
       done.append(array.nbytes)
-      log(f'from-hf: [{len(done)}/{len(shapes)}] {path} {abstract.shape}, '
-          f'{sum(done) / GB:.2f} GB read')
+      log(
+        f'from-hf: [{len(done)}/{len(shapes)}] {path} {abstract.shape}, '
+        f'{sum(done) / GB:.2f} GB read'
+      )
       return array
 
     params = jax.tree_util.tree_map_with_path(build, nn.unbox(boxed), shardings)
@@ -266,8 +323,7 @@ def from_hf(hf_dir: str, out: str, *, config: str | None = None, mesh: str = 'da
 def parse_size(text: str) -> float:
   """'5GB', '500MB', '2e9' -> bytes."""
   match = re.fullmatch(r'\s*(\d+(?:\.\d*)?(?:e\d+)?)\s*([kmg]i?b)?\s*', text, re.IGNORECASE)
-  units = {None: 1, 'kb': 1e3, 'mb': 1e6, 'gb': 1e9, 'kib': 2 ** 10, 'mib': 2 ** 20,
-           'gib': 2 ** 30}
+  units = {None: 1, 'kb': 1e3, 'mb': 1e6, 'gb': 1e9, 'kib': 2**10, 'mib': 2**20, 'gib': 2**30}
   try:
     value = float(match.group(1)) * units[(match.group(2) or '').lower() or None]
   except (AttributeError, ValueError):
@@ -289,22 +345,35 @@ def main(argv=None):
   to.add_argument('--checkpoint', required=True, help='workdir, checkpoints dir or step dir')
   to.add_argument('--out', required=True, help='HF folder to write (new or empty)')
   to.add_argument('--dtype', default='bfloat16', choices=('bfloat16', 'float32'))
-  to.add_argument('--tokenizer', help="SentencePiece .model, tokenizer.json or a folder with "
-                  "one (default: the run config's data.tokenizer)")
+  to.add_argument(
+    '--tokenizer',
+    help='SentencePiece .model, tokenizer.json or a folder with '
+    "one (default: the run config's data.tokenizer)",
+  )
   to.add_argument('--shard_size', default='5GB', help='largest safetensors file')
   back = commands.add_parser('from-hf', help='an HF LlamaForCausalLM folder -> params/ + config/')
   back.add_argument('--hf', required=True, help='HF folder: config.json + *.safetensors')
   back.add_argument('--out', required=True, help='directory to create (use as init_from)')
   back.add_argument('--config', help='stage config file[:args] the model must match')
-  back.add_argument('--mesh', default='data:-1', help='device mesh to shard the parameters '
-                    'over while converting, e.g. data:8 or data:4,tensor:2')
+  back.add_argument(
+    '--mesh',
+    default='data:-1',
+    help='device mesh to shard the parameters '
+    'over while converting, e.g. data:8 or data:4,tensor:2',
+  )
   args = parser.parse_args(argv)
   logging.set_verbosity(logging.ERROR)  # Orbax's notes would drown the progress lines
   log = lambda message: print(message, flush=True)  # noqa: E731
   try:
     if args.command == 'to-hf':
-      to_hf(args.checkpoint, args.out, dtype=args.dtype, tokenizer=args.tokenizer,
-            shard_size=parse_size(args.shard_size), log=log)
+      to_hf(
+        args.checkpoint,
+        args.out,
+        dtype=args.dtype,
+        tokenizer=args.tokenizer,
+        shard_size=parse_size(args.shard_size),
+        log=log,
+      )
     else:
       from_hf(args.hf, args.out, config=args.config, mesh=args.mesh, log=log)
   except USER_ERRORS as error:

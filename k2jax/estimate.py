@@ -41,14 +41,30 @@ def _define_flags(argv) -> flags.FlagValues:
   (both define --config) and be called more than once (tests)."""
   values = flags.FlagValues()
   # sys_argv: the config override flags are declared from this argv, not from sys.argv.
-  config_flags.DEFINE_config_file('config', None, 'Stage config file[:args].',
-                                  flag_values=values, sys_argv=list(argv))
-  flags.DEFINE_string('mesh', None, 'Mesh axis sizes, e.g. data:8,tensor:8,sequence:1; axes not '
-                      'named keep the config\'s mesh.* value.', flag_values=values)
-  flags.DEFINE_integer('devices', None, 'Simulate this many CPU devices (sets XLA_FLAGS and '
-                       'JAX_PLATFORMS=cpu before JAX starts).', lower_bound=1, flag_values=values)
-  flags.DEFINE_enum('output', 'text', ['text', 'json'], 'text: a readable report; json: one '
-                    'JSON object on stdout.', flag_values=values)
+  config_flags.DEFINE_config_file(
+    'config', None, 'Stage config file[:args].', flag_values=values, sys_argv=list(argv)
+  )
+  flags.DEFINE_string(
+    'mesh',
+    None,
+    'Mesh axis sizes, e.g. data:8,tensor:8,sequence:1; axes not '
+    "named keep the config's mesh.* value.",
+    flag_values=values,
+  )
+  flags.DEFINE_integer(
+    'devices',
+    None,
+    'Simulate this many CPU devices (sets XLA_FLAGS and JAX_PLATFORMS=cpu before JAX starts).',
+    lower_bound=1,
+    flag_values=values,
+  )
+  flags.DEFINE_enum(
+    'output',
+    'text',
+    ['text', 'json'],
+    'text: a readable report; json: one JSON object on stdout.',
+    flag_values=values,
+  )
   return values
 
 
@@ -56,9 +72,12 @@ def simulate_devices(count: int):
   """Makes JAX start with `count` CPU devices; only possible before JAX is imported."""
   if 'jax' in sys.modules:  # too late to change the backend: accept only a matching count
     import jax
+
     if jax.device_count() != count:
-      raise ValueError(f'--devices={count}: JAX was already started with '
-                       f'{jax.device_count()} devices in this process')
+      raise ValueError(
+        f'--devices={count}: JAX was already started with '
+        f'{jax.device_count()} devices in this process'
+      )
     return
   kept = [f for f in os.environ.get('XLA_FLAGS', '').split() if not f.startswith(DEVICE_COUNT_FLAG)]
   os.environ['XLA_FLAGS'] = ' '.join(kept + [f'{DEVICE_COUNT_FLAG}={count}'])
@@ -69,6 +88,7 @@ def _shard_bytes(abstract, shardings) -> int:
   """Bytes one device holds of a tree of arrays, from each array's sharding. Every device
   holds an equal shard here (all dims divide their axes), so device 0 stands for all."""
   import jax
+
   leaves = jax.tree.leaves(abstract)
   shards = jax.tree.leaves(shardings)
   assert len(leaves) == len(shards), (len(leaves), len(shards))
@@ -94,7 +114,8 @@ def plan(cfg) -> dict:
   import jax
   import numpy as np
 
-  from k2jax import sharding, train_step
+  from k2jax.parallel import sharding
+  from k2jax.training import train_step
 
   # Mesh, shardings and optimizer exactly as train.py builds them. Their checks raise
   # ValueError; only those become one-line errors (a failure while compiling is a bug: traceback).
@@ -106,19 +127,26 @@ def plan(cfg) -> dict:
   global_batch, seq_len = cfg.data.global_batch_size, cfg.data.seq_len
   mesh, model_cfg, fsdp = run.mesh, run.model_cfg, cfg.mesh.fsdp
   abstract_state, state_sharding, batch_sharding = (
-      run.abstract_state, run.state_sharding, run.batch_sharding)
+    run.abstract_state,
+    run.state_sharding,
+    run.batch_sharding,
+  )
   tokens_per_step = global_batch * seq_len
   flops_per_token = model_cfg.flops_per_token(seq_len)
 
   # Abstract arguments: shapes, dtypes and shardings, no buffers. The batch is the full
   # global batch, as the data pipeline hands it to the step (micro-batches are split inside).
   state_args = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      abstract_state, state_sharding)
-  batch_args = {key: jax.ShapeDtypeStruct((global_batch, seq_len),
-                                          np.float32 if key == 'loss_mask' else np.int32,
-                                          sharding=batch_sharding)
-                for key in train_step.BATCH_KEYS}
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sharding
+  )
+  batch_args = {
+    key: jax.ShapeDtypeStruct(
+      (global_batch, seq_len),
+      np.float32 if key == 'loss_mask' else np.int32,
+      sharding=batch_sharding,
+    )
+    for key in train_step.BATCH_KEYS
+  }
 
   with sharding.activate(mesh, fsdp):
     step_fn = run.jit_train_step()
@@ -133,15 +161,20 @@ def plan(cfg) -> dict:
   memory = None
   if stats is not None:
     memory = {
-        'argument': int(stats.argument_size_in_bytes),  # params + opt state + batch
-        'output': int(stats.output_size_in_bytes),
-        'alias': int(stats.alias_size_in_bytes),  # outputs written into donated arguments
-        'temp': int(stats.temp_size_in_bytes),  # activations, gradients, workspace
-        'generated_code': int(stats.generated_code_size_in_bytes),
+      'argument': int(stats.argument_size_in_bytes),  # params + opt state + batch
+      'output': int(stats.output_size_in_bytes),
+      'alias': int(stats.alias_size_in_bytes),  # outputs written into donated arguments
+      'temp': int(stats.temp_size_in_bytes),  # activations, gradients, workspace
+      'generated_code': int(stats.generated_code_size_in_bytes),
     }
     # Donated outputs reuse their argument's buffer, so they are counted once.
-    memory['total'] = (memory['argument'] + memory['output'] - memory['alias'] + memory['temp']
-                       + memory['generated_code'])
+    memory['total'] = (
+      memory['argument']
+      + memory['output']
+      - memory['alias']
+      + memory['temp']
+      + memory['generated_code']
+    )
     # XLA's own peak where the backend computes one (the CPU's counts only the arguments).
     memory['peak'] = int(getattr(stats, 'peak_memory_in_bytes', 0) or 0)
 
@@ -151,39 +184,39 @@ def plan(cfg) -> dict:
   step_bytes = _shard_bytes(abstract_state.step, state_sharding.step)
   batch_bytes = _shard_bytes(batch_args, {key: batch_sharding for key in batch_args})
   return {
-      'preset': cfg.model.preset,
-      'param_count': model_cfg.param_count(),
-      'param_count_non_embedding': model_cfg.param_count(include_embeddings=False),
-      'seq_len': seq_len,
-      'global_batch_size': global_batch,
-      'grad_accum_steps': run.accum_steps,
-      'tokens_per_step': tokens_per_step,
-      'flops_per_token': flops_per_token,
-      'flops_per_step': flops_per_token * tokens_per_step,
-      'mesh': dict(mesh.shape),
-      'fsdp': bool(fsdp),
-      'num_devices': len(devices),
-      'platform': devices[0].platform,
-      'device_kind': devices[0].device_kind,
-      # Analytic bytes per device, from each array's shape, dtype and sharding.
-      'state_bytes_per_device': {
-          'params': params_bytes,
-          'opt_state': opt_bytes,
-          'step': step_bytes,
-          'total': params_bytes + opt_bytes + step_bytes,
-      },
-      'batch_bytes_per_device': batch_bytes,
-      'compiled': True,
-      'lower_seconds': lower_seconds,
-      'compile_seconds': compile_seconds,
-      'memory_per_device': memory,  # XLA's figures for the compiled step, per device
-      'cost_analysis_flops_per_device': _cost_flops(compiled),
+    'preset': cfg.model.preset,
+    'param_count': model_cfg.param_count(),
+    'param_count_non_embedding': model_cfg.param_count(include_embeddings=False),
+    'seq_len': seq_len,
+    'global_batch_size': global_batch,
+    'grad_accum_steps': run.accum_steps,
+    'tokens_per_step': tokens_per_step,
+    'flops_per_token': flops_per_token,
+    'flops_per_step': flops_per_token * tokens_per_step,
+    'mesh': dict(mesh.shape),
+    'fsdp': bool(fsdp),
+    'num_devices': len(devices),
+    'platform': devices[0].platform,
+    'device_kind': devices[0].device_kind,
+    # Analytic bytes per device, from each array's shape, dtype and sharding.
+    'state_bytes_per_device': {
+      'params': params_bytes,
+      'opt_state': opt_bytes,
+      'step': step_bytes,
+      'total': params_bytes + opt_bytes + step_bytes,
+    },
+    'batch_bytes_per_device': batch_bytes,
+    'compiled': True,
+    'lower_seconds': lower_seconds,
+    'compile_seconds': compile_seconds,
+    'memory_per_device': memory,  # XLA's figures for the compiled step, per device
+    'cost_analysis_flops_per_device': _cost_flops(compiled),
   }
 
 
 def _size(n: float) -> str:
   """Bytes in binary units, right-aligned so a column of them lines up."""
-  for unit, scale in (('GiB', 2 ** 30), ('MiB', 2 ** 20), ('KiB', 2 ** 10)):
+  for unit, scale in (('GiB', 2**30), ('MiB', 2**20), ('KiB', 2**10)):
     if n >= scale:
       return f'{n / scale:9.2f} {unit}'
   return f'{n:9.0f} B  '
@@ -201,50 +234,55 @@ def format_report(spec: str, result: dict) -> str:
   state = result['state_bytes_per_device']
   model_flops_per_device = result['flops_per_step'] / result['num_devices']
   lines = [
-      f'k2jax estimate for {spec}',
-      f'model {result["preset"]}: {result["param_count"]:,} parameters '
-      f'({result["param_count_non_embedding"]:,} without embeddings)',
-      f'training FLOPs per token at seq_len {result["seq_len"]}: '
-      f'{_flops(result["flops_per_token"])} (6N + causal attention)',
-      f'tokens per step: {result["tokens_per_step"]:,} ({result["global_batch_size"]} x '
-      f'{result["seq_len"]}, {result["grad_accum_steps"]} micro-batch(es)); '
-      f'{_flops(result["flops_per_step"])} per step, {_flops(model_flops_per_device)} per device',
-      f'mesh {mesh}{" (fsdp)" if result["fsdp"] else ""} on {result["num_devices"]} '
-      f'{result["platform"]} devices',
-      '',
-      'per device, analytic (shapes x dtypes / shardings):',
-      f'  parameters          {_size(state["params"])}',
-      f'  optimizer state     {_size(state["opt_state"])}',
-      f'  params + optimizer  {_size(state["total"])}',
-      f'  batch               {_size(result["batch_bytes_per_device"])}',
+    f'k2jax estimate for {spec}',
+    f'model {result["preset"]}: {result["param_count"]:,} parameters '
+    f'({result["param_count_non_embedding"]:,} without embeddings)',
+    f'training FLOPs per token at seq_len {result["seq_len"]}: '
+    f'{_flops(result["flops_per_token"])} (6N + causal attention)',
+    f'tokens per step: {result["tokens_per_step"]:,} ({result["global_batch_size"]} x '
+    f'{result["seq_len"]}, {result["grad_accum_steps"]} micro-batch(es)); '
+    f'{_flops(result["flops_per_step"])} per step, {_flops(model_flops_per_device)} per device',
+    f'mesh {mesh}{" (fsdp)" if result["fsdp"] else ""} on {result["num_devices"]} '
+    f'{result["platform"]} devices',
+    '',
+    'per device, analytic (shapes x dtypes / shardings):',
+    f'  parameters          {_size(state["params"])}',
+    f'  optimizer state     {_size(state["opt_state"])}',
+    f'  params + optimizer  {_size(state["total"])}',
+    f'  batch               {_size(result["batch_bytes_per_device"])}',
   ]
   memory = result['memory_per_device']
   if memory is None:
     lines.append('per device, compiled: memory_analysis() is not available on this backend')
   else:
     lines += [
-        'per device, compiled (XLA memory_analysis):',
-        f'  arguments           {_size(memory["argument"])}  (params + optimizer + batch)',
-        f'  outputs             {_size(memory["output"])}',
-        f'  aliased (donated)   {_size(memory["alias"])}  (outputs reusing argument buffers)',
-        f'  temporaries         {_size(memory["temp"])}  (activations, gradients, workspace)',
-        f'  generated code      {_size(memory["generated_code"])}',
-        f'  total               {_size(memory["total"])}  (arguments + outputs - aliased + '
-        'temporaries + code)',
+      'per device, compiled (XLA memory_analysis):',
+      f'  arguments           {_size(memory["argument"])}  (params + optimizer + batch)',
+      f'  outputs             {_size(memory["output"])}',
+      f'  aliased (donated)   {_size(memory["alias"])}  (outputs reusing argument buffers)',
+      f'  temporaries         {_size(memory["temp"])}  (activations, gradients, workspace)',
+      f'  generated code      {_size(memory["generated_code"])}',
+      f'  total               {_size(memory["total"])}  (arguments + outputs - aliased + '
+      'temporaries + code)',
     ]
     if memory['peak'] and result['platform'] != 'cpu':  # CPU's figure counts arguments only
       lines.append(f'  XLA peak            {_size(memory["peak"])}')
   flops = result['cost_analysis_flops_per_device']
   lines += [
-      f'lower {result["lower_seconds"]:.1f} s, compile {result["compile_seconds"]:.1f} s',
-      'XLA cost_analysis per device: '
-      + ('not available' if flops is None else
-         f'{_flops(flops)} (it counts a loop body once, so the layer scan is under-counted; '
-         'the model figure above is the one to use)'),
+    f'lower {result["lower_seconds"]:.1f} s, compile {result["compile_seconds"]:.1f} s',
+    'XLA cost_analysis per device: '
+    + (
+      'not available'
+      if flops is None
+      else f'{_flops(flops)} (it counts a loop body once, so the layer scan is under-counted; '
+      'the model figure above is the one to use)'
+    ),
   ]
   if result['platform'] == 'cpu':
-    lines.append('note: compiled for CPU; the memory figures follow CPU fusion and layout '
-                 'choices and approximate, not measure, what a GPU would use.')
+    lines.append(
+      'note: compiled for CPU; the memory figures follow CPU fusion and layout '
+      'choices and approximate, not measure, what a GPU would use.'
+    )
   return '\n'.join(lines)
 
 

@@ -24,8 +24,8 @@ import numpy as np
 
 from k2jax import generate as gen
 
-
 # --- scoring token sequences ---------------------------------------------------------------
+
 
 @functools.lru_cache(maxsize=8)
 def _score_fn(model_cfg, mesh, fsdp: bool):
@@ -33,7 +33,8 @@ def _score_fn(model_cfg, mesh, fsdp: bool):
   import jax
   import jax.numpy as jnp
 
-  from k2jax.model import Transformer
+  from k2jax.model.transformer import Transformer
+
   model = Transformer(model_cfg)
 
   def score(params, inputs_BxL, targets_BxL, segments_BxL):
@@ -41,6 +42,7 @@ def _score_fn(model_cfg, mesh, fsdp: bool):
     logp_BxLxV = jax.nn.log_softmax(logits_BxLxV, axis=-1)
     target_logp_BxL = jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
     return target_logp_BxL, jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL
+
   return jax.jit(score)
 
 
@@ -49,13 +51,15 @@ def _bucket(n: int, cap: int) -> int:
   return min(cap, max(16, 1 << (n - 1).bit_length()))
 
 
-def score_pairs(params, model_cfg, pairs, *, max_length: int, batch_size: int = 8, mesh=None,
-                fsdp: bool = False) -> list[tuple[float, bool]]:
+def score_pairs(
+  params, model_cfg, pairs, *, max_length: int, batch_size: int = 8, mesh=None, fsdp: bool = False
+) -> list[tuple[float, bool]]:
   """(sum of log p(continuation tokens), all of them greedy) for each (context, continuation)
   pair of token-id lists; the input is cut on the left to `max_length` tokens."""
   import jax
 
-  from k2jax import sharding
+  from k2jax.parallel import sharding
+
   if not pairs:
     return []
   rows = []
@@ -63,8 +67,9 @@ def score_pairs(params, model_cfg, pairs, *, max_length: int, batch_size: int = 
     if not context or not continuation:
       raise ValueError('every pair needs a non-empty context and continuation')
     if len(continuation) > max_length:
-      raise ValueError(f'a continuation of {len(continuation)} tokens does not fit '
-                       f'max_length={max_length}')
+      raise ValueError(
+        f'a continuation of {len(continuation)} tokens does not fit max_length={max_length}'
+      )
     whole = list(context) + list(continuation)
     rows.append((whole[:-1][-max_length:], whole[1:][-max_length:], len(continuation)))
   # Longest first, so a batch's rows are close in length (lm-eval orders its requests so too).
@@ -74,7 +79,7 @@ def score_pairs(params, model_cfg, pairs, *, max_length: int, batch_size: int = 
   fn = _score_fn(model_cfg, mesh, fsdp)
   results = [None] * len(rows)
   for start in range(0, len(order), batch_size):
-    chosen = order[start:start + batch_size]
+    chosen = order[start : start + batch_size]
     length = _bucket(len(rows[chosen[0]][0]), max_length)
     inputs, targets, segments = (np.zeros((batch_size, length), np.int32) for _ in range(3))
     for row, i in enumerate(chosen):  # right padding, segment 0: invisible to real tokens
@@ -84,18 +89,23 @@ def score_pairs(params, model_cfg, pairs, *, max_length: int, batch_size: int = 
       logp, greedy = fn(params, inputs, targets, segments)
     else:
       with sharding.activate(mesh, fsdp):
-        placed = [jax.device_put(a, sharding.batch_sharding(mesh, a.shape, fsdp))
-                  for a in (inputs, targets, segments)]
+        placed = [
+          jax.device_put(a, sharding.batch_sharding(mesh, a.shape, fsdp))
+          for a in (inputs, targets, segments)
+        ]
         logp, greedy = fn(params, *placed)
     logp, greedy = np.asarray(jax.device_get(logp)), np.asarray(jax.device_get(greedy))
     for row, i in enumerate(chosen):
       n, scored = len(rows[i][0]), rows[i][2]
-      results[i] = (float(np.sum(logp[row, n - scored:n], dtype=np.float64)),
-                    bool(np.all(greedy[row, n - scored:n])))
+      results[i] = (
+        float(np.sum(logp[row, n - scored : n], dtype=np.float64)),
+        bool(np.all(greedy[row, n - scored : n])),
+      )
   return results
 
 
 # --- the three request types ---------------------------------------------------------------
+
 
 def prefix_id(tokenizer) -> int:
   return tokenizer.eos_id
@@ -104,20 +114,30 @@ def prefix_id(tokenizer) -> int:
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
   """(context ids, continuation ids) the way lm-eval's causal models split them."""
   stripped = context.rstrip()
-  continuation = context[len(stripped):] + continuation
+  continuation = context[len(stripped) :] + continuation
   if not stripped:
     return [prefix_id(tokenizer)], tokenizer.encode(continuation)
   context_ids = tokenizer.encode(stripped)
   whole = tokenizer.encode(stripped + continuation)
-  return context_ids, whole[len(context_ids):]
+  return context_ids, whole[len(context_ids) :]
 
 
-def loglikelihood(params, model_cfg, tokenizer, requests, *, max_length: int,
-                  batch_size: int = 8, mesh=None, fsdp: bool = False):
+def loglikelihood(
+  params,
+  model_cfg,
+  tokenizer,
+  requests,
+  *,
+  max_length: int,
+  batch_size: int = 8,
+  mesh=None,
+  fsdp: bool = False,
+):
   """[(context, continuation)] -> [(log-likelihood of the continuation, is greedy)]."""
   pairs = [encode_pair(tokenizer, context, continuation) for context, continuation in requests]
-  return score_pairs(params, model_cfg, pairs, max_length=max_length, batch_size=batch_size,
-                     mesh=mesh, fsdp=fsdp)
+  return score_pairs(
+    params, model_cfg, pairs, max_length=max_length, batch_size=batch_size, mesh=mesh, fsdp=fsdp
+  )
 
 
 def rolling_windows(tokens: list[int], prefix: int, max_length: int):
@@ -133,13 +153,22 @@ def rolling_windows(tokens: list[int], prefix: int, max_length: int):
   start = max_length
   while start < len(tokens):
     end = min(start + max_length, len(tokens))
-    pairs.append((tokens[end - 1 - max_length:start], tokens[start:end]))
+    pairs.append((tokens[end - 1 - max_length : start], tokens[start:end]))
     start = end
   return pairs
 
 
-def loglikelihood_rolling(params, model_cfg, tokenizer, texts, *, max_length: int,
-                          batch_size: int = 8, mesh=None, fsdp: bool = False) -> list[float]:
+def loglikelihood_rolling(
+  params,
+  model_cfg,
+  tokenizer,
+  texts,
+  *,
+  max_length: int,
+  batch_size: int = 8,
+  mesh=None,
+  fsdp: bool = False,
+) -> list[float]:
   """[text] -> [log p(text)] (perplexity tasks); long texts are scored window by window."""
   windows, owner = [], []
   for i, text in enumerate(texts):
@@ -147,8 +176,12 @@ def loglikelihood_rolling(params, model_cfg, tokenizer, texts, *, max_length: in
       windows.append(pair)
       owner.append(i)
   totals = [0.0] * len(texts)
-  for i, (logp, _) in zip(owner, score_pairs(params, model_cfg, windows, max_length=max_length,
-                                             batch_size=batch_size, mesh=mesh, fsdp=fsdp)):
+  for i, (logp, _) in zip(
+    owner,
+    score_pairs(
+      params, model_cfg, windows, max_length=max_length, batch_size=batch_size, mesh=mesh, fsdp=fsdp
+    ),
+  ):
     totals[i] += logp
   return totals
 
@@ -169,9 +202,18 @@ def cut_at(text: str, until) -> str:
   return text[:cut]
 
 
-def generate_until(params, model_cfg, tokenizer, requests, *, max_length: int,
-                   max_gen_toks: int = 256, batch_size: int = 8, mesh=None,
-                   fsdp: bool = False) -> list[str]:
+def generate_until(
+  params,
+  model_cfg,
+  tokenizer,
+  requests,
+  *,
+  max_length: int,
+  max_gen_toks: int = 256,
+  batch_size: int = 8,
+  mesh=None,
+  fsdp: bool = False,
+) -> list[str]:
   """[(context, gen_kwargs)] -> [completion]: greedy unless gen_kwargs ask to sample.
 
   gen_kwargs: until (str or list), max_gen_toks, do_sample, temperature, top_p. A row stops
@@ -194,19 +236,29 @@ def generate_until(params, model_cfg, tokenizer, requests, *, max_length: int,
     stop_ids.update(ids[0] for ids in map(tokenizer.encode, until) if len(ids) == 1)
     budget = max_length - new_tokens
     if budget < 1:
-      raise ValueError(f'max_gen_toks={new_tokens} leaves no room for a context in '
-                       f'max_length={max_length}')
-    prompts = [(tokenizer.encode(requests[i][0]) or [prefix_id(tokenizer)])[-budget:]
-               for i in members]
+      raise ValueError(
+        f'max_gen_toks={new_tokens} leaves no room for a context in max_length={max_length}'
+      )
+    prompts = [
+      (tokenizer.encode(requests[i][0]) or [prefix_id(tokenizer)])[-budget:] for i in members
+    ]
     for start in range(0, len(members), batch_size):
-      chunk = prompts[start:start + batch_size]
+      chunk = prompts[start : start + batch_size]
       filled = chunk + [chunk[0]] * (batch_size - len(chunk))  # one shape per bucket
-      outputs = gen.generate(params, model_cfg, filled, max_new_tokens=new_tokens,
-                             temperature=temperature, top_p=float(kwargs.get('top_p', 1.0)),
-                             stop_ids=sorted(stop_ids), pad_id=prefix_id(tokenizer),
-                             pad_multiple=_bucket(max(map(len, chunk)), budget), mesh=mesh,
-                             fsdp=fsdp)
-      for i, ids in zip(members[start:start + batch_size], outputs):
+      outputs = gen.generate(
+        params,
+        model_cfg,
+        filled,
+        max_new_tokens=new_tokens,
+        temperature=temperature,
+        top_p=float(kwargs.get('top_p', 1.0)),
+        stop_ids=sorted(stop_ids),
+        pad_id=prefix_id(tokenizer),
+        pad_multiple=_bucket(max(map(len, chunk)), budget),
+        mesh=mesh,
+        fsdp=fsdp,
+      )
+      for i, ids in zip(members[start : start + batch_size], outputs):
         if ids and ids[-1] in stop_ids:
           ids = ids[:-1]
         results[i] = cut_at(tokenizer.decode(ids), until)
@@ -230,11 +282,23 @@ if LM is not None:
     Or built from loaded objects: K2JaxLM(params=..., model_cfg=..., tokenizer=...).
     """
 
-    def __init__(self, checkpoint=None, *, params=None, model_cfg=None, tokenizer=None,
-                 batch_size=8, max_length=None, max_gen_toks=256, dtype=None,
-                 mesh='data:1,tensor:1', **unused):
+    def __init__(
+      self,
+      checkpoint=None,
+      *,
+      params=None,
+      model_cfg=None,
+      tokenizer=None,
+      batch_size=8,
+      max_length=None,
+      max_gen_toks=256,
+      dtype=None,
+      mesh='data:1,tensor:1',
+      **unused,
+    ):
       super().__init__()
       from data_pipeline.tokenizer import load_tokenizer
+
       self._mesh = None
       if checkpoint is not None:
         loaded = gen.load(checkpoint, mesh_spec=mesh, dtype=dtype, param_dtype=dtype)
@@ -242,8 +306,9 @@ if LM is not None:
         tokenizer = tokenizer or gen.tokenizer_path(loaded)
         max_length = max_length or loaded.run_cfg.get('data', {}).get('seq_len')
       if params is None or model_cfg is None or tokenizer is None or not max_length:
-        raise ValueError('K2JaxLM needs checkpoint=DIR, or params, model_cfg, tokenizer and '
-                         'max_length')
+        raise ValueError(
+          'K2JaxLM needs checkpoint=DIR, or params, model_cfg, tokenizer and max_length'
+        )
       self.params, self.model_cfg = params, model_cfg
       self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
       self._name = getattr(self.tokenizer, 'path', type(self.tokenizer).__name__)
@@ -261,19 +326,30 @@ if LM is not None:
       return results
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
-      results = loglikelihood(self.params, self.model_cfg, self.tokenizer,
-                              [r.args for r in requests], **self._settings())
+      results = loglikelihood(
+        self.params, self.model_cfg, self.tokenizer, [r.args for r in requests], **self._settings()
+      )
       return self._record('loglikelihood', requests, results)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-      results = loglikelihood_rolling(self.params, self.model_cfg, self.tokenizer,
-                                      [r.args[0] for r in requests], **self._settings())
+      results = loglikelihood_rolling(
+        self.params,
+        self.model_cfg,
+        self.tokenizer,
+        [r.args[0] for r in requests],
+        **self._settings(),
+      )
       return self._record('loglikelihood_rolling', requests, results)
 
     def generate_until(self, requests, disable_tqdm: bool = False):
-      results = generate_until(self.params, self.model_cfg, self.tokenizer,
-                               [r.args for r in requests], max_gen_toks=self.max_gen_toks,
-                               **self._settings())
+      results = generate_until(
+        self.params,
+        self.model_cfg,
+        self.tokenizer,
+        [r.args for r in requests],
+        max_gen_toks=self.max_gen_toks,
+        **self._settings(),
+      )
       return self._record('generate_until', requests, results)
 
     @property
@@ -282,8 +358,9 @@ if LM is not None:
 
 
 def parse_args(argv):
-  parser = gen.ArgumentParser(prog='python -m k2jax.lm_eval_adapter',
-                              description='Runs lm-eval tasks on a k2jax checkpoint.')
+  parser = gen.ArgumentParser(
+    prog='python -m k2jax.lm_eval_adapter', description='Runs lm-eval tasks on a k2jax checkpoint.'
+  )
   parser.add_argument('--checkpoint', required=True)
   parser.add_argument('--tasks', required=True, help='Comma-separated lm-eval task names.')
   parser.add_argument('--num_fewshot', type=int)
@@ -300,25 +377,38 @@ def parse_args(argv):
 
 def main(argv=None):
   from k2jax import run_config
+
   args = parse_args(sys.argv[1:] if argv is None else argv)
   if LM is None:
     run_config.fail('lm_eval is not installed: pip install lm-eval')
   import lm_eval
   from lm_eval.tasks import TaskManager
   from lm_eval.utils import make_table
+
   try:
-    model = K2JaxLM(args.checkpoint, tokenizer=args.tokenizer, batch_size=args.batch_size,
-                    max_length=args.max_length, dtype=args.dtype, mesh=args.mesh)
+    model = K2JaxLM(
+      args.checkpoint,
+      tokenizer=args.tokenizer,
+      batch_size=args.batch_size,
+      max_length=args.max_length,
+      dtype=args.dtype,
+      mesh=args.mesh,
+    )
   except gen.USER_ERRORS as error:
     run_config.fail(gen.error_message(error))
-  results = lm_eval.simple_evaluate(model=model, tasks=args.tasks.split(','),
-                                    num_fewshot=args.num_fewshot, limit=args.limit,
-                                    task_manager=TaskManager(include_path=args.include_path))
+  results = lm_eval.simple_evaluate(
+    model=model,
+    tasks=args.tasks.split(','),
+    num_fewshot=args.num_fewshot,
+    limit=args.limit,
+    task_manager=TaskManager(include_path=args.include_path),
+  )
   print(make_table(results))
   if args.output:
     with open(args.output, 'w') as f:
-      json.dump({'results': results['results'], 'config': results.get('config')}, f,
-                indent=1, default=str)
+      json.dump(
+        {'results': results['results'], 'config': results.get('config')}, f, indent=1, default=str
+      )
 
 
 if __name__ == '__main__':

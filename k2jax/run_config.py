@@ -14,10 +14,21 @@ import ml_collections
 
 # Keys other tools and docs rely on (the command-line contract in DESIGN.md).
 CONTRACT_KEYS = (
-    'total_steps', 'seed', 'log_every', 'eval_every', 'init_from',
-    'mesh.data', 'mesh.tensor', 'mesh.sequence',
-    'model.preset', 'model.attention', 'model.remat',
-    'data.seq_len', 'optim.peak_lr', 'optim.min_lr', 'optim.warmup_steps',
+  'total_steps',
+  'seed',
+  'log_every',
+  'eval_every',
+  'init_from',
+  'mesh.data',
+  'mesh.tensor',
+  'mesh.sequence',
+  'model.preset',
+  'model.attention',
+  'model.remat',
+  'data.seq_len',
+  'optim.peak_lr',
+  'optim.min_lr',
+  'optim.warmup_steps',
 )
 
 
@@ -60,7 +71,7 @@ def unknown_override_message(cfg, argv) -> str | None:
   for arg in argv:
     if not arg.startswith('--config.'):
       continue
-    key = arg[len('--config.'):].split('=', 1)[0]
+    key = arg[len('--config.') :].split('=', 1)[0]
     if has_key(cfg, key):
       continue
     keys = all_keys(cfg)
@@ -124,8 +135,9 @@ def parse_mesh(spec: str) -> dict[str, int]:
   for part in spec.split(','):
     axis, sep, size = part.strip().partition(':')
     if not sep or axis not in MESH_AXES:
-      raise ValueError(f'--mesh: {part.strip()!r} is not AXIS:SIZE with AXIS one of '
-                       f'{"|".join(MESH_AXES)}')
+      raise ValueError(
+        f'--mesh: {part.strip()!r} is not AXIS:SIZE with AXIS one of {"|".join(MESH_AXES)}'
+      )
     if axis in sizes:
       raise ValueError(f'--mesh: axis {axis!r} is given twice')
     try:
@@ -138,23 +150,34 @@ def parse_mesh(spec: str) -> dict[str, int]:
 def validate(cfg) -> None:
   """Cross-field checks that need no devices. Raises ValueError naming the key."""
   # Imported here so that loading a config stays light.
-  from k2jax import model_config, optim
+  from k2jax.model import config as model_config
+  from k2jax.training import optim
 
   missing = [key for key in CONTRACT_KEYS if not has_key(cfg, key)]
   if missing:
     raise ValueError(f'config lacks required key(s): {", ".join(missing)}')
-  for key in ('total_steps', 'log_every', 'data.seq_len', 'data.global_batch_size',
-              'optim.grad_accum_steps'):
+  for key in (
+    'total_steps',
+    'log_every',
+    'data.seq_len',
+    'data.global_batch_size',
+    'optim.grad_accum_steps',
+  ):
     value = _get(cfg, key)
     if not isinstance(value, int) or value <= 0:
       raise ValueError(f'{key} must be a positive integer, got {value!r}')
   if not isinstance(cfg.eval_every, int) or cfg.eval_every < 0:
     raise ValueError(f'eval_every must be >= 0 (0 disables eval), got {cfg.eval_every!r}')
   if cfg.data.global_batch_size % cfg.optim.grad_accum_steps:
-    raise ValueError(f'data.global_batch_size={cfg.data.global_batch_size} is not divisible by '
-                     f'optim.grad_accum_steps={cfg.optim.grad_accum_steps}')
-  for key, minimum in (('checkpoint.every', 0), ('checkpoint.keep', 1),
-                       ('checkpoint.keep_every', 0)):
+    raise ValueError(
+      f'data.global_batch_size={cfg.data.global_batch_size} is not divisible by '
+      f'optim.grad_accum_steps={cfg.optim.grad_accum_steps}'
+    )
+  for key, minimum in (
+    ('checkpoint.every', 0),
+    ('checkpoint.keep', 1),
+    ('checkpoint.keep_every', 0),
+  ):
     value = _get(cfg, key) if has_key(cfg, key) else None
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
       raise ValueError(f'{key} must be an integer >= {minimum}, got {value!r}')
@@ -168,11 +191,17 @@ def validate(cfg) -> None:
 
 
 def _validate_stability_and_monitor(cfg) -> None:
-  from k2jax import monitor
-  checks = (('checkpoint.every_minutes', 0, float), ('stability.spike_window', 2, int),
-            ('stability.spike_threshold', 0, float), ('stability.spike_min_increase', 0, float),
-            ('stability.spike_patience', 0, int), ('stability.max_rollbacks', 0, int),
-            ('monitor.stall_minutes', 0, float))
+  from k2jax.observe import monitor
+
+  checks = (
+    ('checkpoint.every_minutes', 0, float),
+    ('stability.spike_window', 2, int),
+    ('stability.spike_threshold', 0, float),
+    ('stability.spike_min_increase', 0, float),
+    ('stability.spike_patience', 0, int),
+    ('stability.max_rollbacks', 0, int),
+    ('monitor.stall_minutes', 0, float),
+  )
   for key, minimum, kind in checks:
     if not has_key(cfg, key):
       continue
@@ -186,9 +215,14 @@ def _validate_stability_and_monitor(cfg) -> None:
     spec = cfg.monitor.get('profile_steps', '')
     if spec:
       parts = spec.split(':')
-      if len(parts) != 2 or not all(p.isdigit() for p in parts) or not 0 < int(parts[0]) <= int(parts[1]):
-        raise ValueError(f"monitor.profile_steps must be 'START:STOP' with 0 < START <= STOP, "
-                         f'got {spec!r}')
+      if (
+        len(parts) != 2
+        or not all(p.isdigit() for p in parts)
+        or not 0 < int(parts[0]) <= int(parts[1])
+      ):
+        raise ValueError(
+          f"monitor.profile_steps must be 'START:STOP' with 0 < START <= STOP, got {spec!r}"
+        )
 
 
 def _get(cfg, dotted: str):

@@ -11,33 +11,54 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
 
 
 def main(port: str, process_id: str, num_processes: str, out_dir: str):
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}',
-                             num_processes=int(num_processes), process_id=int(process_id))
+  jax.distributed.initialize(
+    coordinator_address=f'127.0.0.1:{port}',
+    num_processes=int(num_processes),
+    process_id=int(process_id),
+  )
   from data_pipeline import pipeline
-  from k2jax import sharding
-  demo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                      'data_pipeline', 'demo')
-  data_cfg = ml_collections.ConfigDict(dict(
-      seq_len=64, global_batch_size=8, train_files=os.path.join(demo, 'eval.jsonl'),
-      tokenizer=os.path.join(demo, 'tokenizer.model'), packing='best_fit', pack_buffer=32))
+  from k2jax.parallel import sharding
+
+  demo = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'data_pipeline', 'demo'
+  )
+  data_cfg = ml_collections.ConfigDict(
+    dict(
+      seq_len=64,
+      global_batch_size=8,
+      train_files=os.path.join(demo, 'eval.jsonl'),
+      tokenizer=os.path.join(demo, 'tokenizer.model'),
+      packing='best_fit',
+      pack_buffer=32,
+    )
+  )
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, tensor=1, sequence=1)))
-  batches = pipeline.build(data_cfg, seed=0, split='train', process_index=jax.process_index(),
-                           process_count=jax.process_count())
+  batches = pipeline.build(
+    data_cfg,
+    seed=0,
+    split='train',
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
   local = next(batches)
   batch_sharding = sharding.batch_sharding(mesh, (8, 64))
   global_inputs = sharding.host_array(batch_sharding, local['inputs'])
   gathered = multihost_utils.process_allgather(global_inputs, tiled=True)
-  np.savez(os.path.join(out_dir, f'process{jax.process_index()}.npz'),
-           local=local['inputs'], gathered=np.asarray(gathered),
-           shape=np.asarray(global_inputs.shape), devices=len(jax.devices()),
-           local_devices=len(jax.local_devices()))
+  np.savez(
+    os.path.join(out_dir, f'process{jax.process_index()}.npz'),
+    local=local['inputs'],
+    gathered=np.asarray(gathered),
+    shape=np.asarray(global_inputs.shape),
+    devices=len(jax.devices()),
+    local_devices=len(jax.local_devices()),
+  )
   jax.distributed.shutdown()
 
 

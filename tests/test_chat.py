@@ -14,8 +14,11 @@ from data_pipeline.tokenizer import SPECIAL_TOKENS, load_tokenizer
 DEMO_DIR = os.path.join(os.path.dirname(__file__), '..', 'data_pipeline', 'demo')
 SFT_DIR = os.path.join(DEMO_DIR, 'sft')
 FIELDS = {'high': 'think', 'medium': 'think_fast', 'low': 'think_faster'}
-TAGS = {'high': ('<think>', '</think>'), 'medium': ('<think_fast>', '</think_fast>'),
-        'low': ('<think_faster>', '</think_faster>')}
+TAGS = {
+  'high': ('<think>', '</think>'),
+  'medium': ('<think_fast>', '</think_fast>'),
+  'low': ('<think_faster>', '</think_faster>'),
+}
 F, T = False, True
 
 
@@ -59,21 +62,33 @@ def closed_turn(role, text):
 QUESTION = 'What is 12 + 30?'
 REASONING = '2 + 0 = 2.\n1 + 3 = 4.\nSo the result is 42.'
 ANSWER = 'The answer is 42.'
-WEATHER_CALL = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lomi"}}\n'
-                '</tool_call>')
+WEATHER_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lomi"}}\n</tool_call>'
 
 
 # --- samples -----------------------------------------------------------------
 
+
 @pytest.mark.parametrize('effort', ['high', 'medium', 'low'])
 def test_single_turn_each_effort(tok, effort):
-  conversation = [user(QUESTION),
-                  {'role': 'assistant', 'content': ANSWER, FIELDS[effort]: REASONING}]
+  conversation = [
+    user(QUESTION),
+    {'role': 'assistant', 'content': ANSWER, FIELDS[effort]: REASONING},
+  ]
   open_tag, close_tag = TAGS[effort]
   sample = chat.render_sample(conversation, 1, tok)
-  check_sample(sample, *expected(
-      tok, *closed_turn('user', QUESTION), *header('assistant'), (open_tag, F),
-      (REASONING, T), (close_tag, T), (ANSWER, T), ('<|im_end|>', T)))
+  check_sample(
+    sample,
+    *expected(
+      tok,
+      *closed_turn('user', QUESTION),
+      *header('assistant'),
+      (open_tag, F),
+      (REASONING, T),
+      (close_tag, T),
+      (ANSWER, T),
+      ('<|im_end|>', T),
+    ),
+  )
   assert trained_text(tok, sample) == REASONING + close_tag + ANSWER + '<|im_end|>'
   # The opening tag is the last untrained token: the prompt supplies it.
   first = int(np.argmax(sample['target_mask']))
@@ -84,52 +99,82 @@ def test_single_turn_each_effort(tok, effort):
 def test_target_without_reasoning(tok):
   conversation = [user(QUESTION), {'role': 'assistant', 'content': ANSWER}]
   sample = chat.render_sample(conversation, 1, tok)
-  check_sample(sample, *expected(tok, *closed_turn('user', QUESTION),
-                                 *header('assistant'), (ANSWER, T), ('<|im_end|>', T)))
+  check_sample(
+    sample,
+    *expected(
+      tok, *closed_turn('user', QUESTION), *header('assistant'), (ANSWER, T), ('<|im_end|>', T)
+    ),
+  )
   assert trained_text(tok, sample) == ANSWER + '<|im_end|>'
   assert chat.effort_of(conversation[1]) is None
 
 
 def tool_conversation():
   return [
-      user('Weather in Lomi?'),
-      {'role': 'assistant', 'content': None, 'think_fast': 'Call the tool.',
-       'tool_calls': [{'name': 'get_weather', 'arguments': {'city': 'Lomi'}}]},
-      {'role': 'tool', 'content': '{"temp": 20}'},
-      {'role': 'assistant', 'content': 'It is 20 degrees.', 'think': 'The tool said 20.'},
+    user('Weather in Lomi?'),
+    {
+      'role': 'assistant',
+      'content': None,
+      'think_fast': 'Call the tool.',
+      'tool_calls': [{'name': 'get_weather', 'arguments': {'city': 'Lomi'}}],
+    },
+    {'role': 'tool', 'content': '{"temp": 20}'},
+    {'role': 'assistant', 'content': 'It is 20 degrees.', 'think': 'The tool said 20.'},
   ]
 
 
 def test_tool_call_turn_is_trained(tok):
   sample = chat.render_sample(tool_conversation(), 1, tok)
-  check_sample(sample, *expected(
-      tok, *closed_turn('user', 'Weather in Lomi?'), *header('assistant'),
-      ('<think_fast>', F), ('Call the tool.', T), ('</think_fast>', T),
-      (WEATHER_CALL, T), ('<|im_end|>', T)))
+  check_sample(
+    sample,
+    *expected(
+      tok,
+      *closed_turn('user', 'Weather in Lomi?'),
+      *header('assistant'),
+      ('<think_fast>', F),
+      ('Call the tool.', T),
+      ('</think_fast>', T),
+      (WEATHER_CALL, T),
+      ('<|im_end|>', T),
+    ),
+  )
   assert trained_text(tok, sample) == 'Call the tool.</think_fast>' + WEATHER_CALL + '<|im_end|>'
 
 
 def test_tool_result_turn_is_context(tok):
   sample = chat.render_sample(tool_conversation(), 3, tok)
-  check_sample(sample, *expected(
-      tok, *closed_turn('user', 'Weather in Lomi?'),
+  check_sample(
+    sample,
+    *expected(
+      tok,
+      *closed_turn('user', 'Weather in Lomi?'),
       # The earlier assistant turn keeps its call but loses its reasoning.
-      *closed_turn('assistant', WEATHER_CALL), *closed_turn('tool', '{"temp": 20}'),
-      *header('assistant'), ('<think>', F), ('The tool said 20.', T), ('</think>', T),
-      ('It is 20 degrees.', T), ('<|im_end|>', T)))
+      *closed_turn('assistant', WEATHER_CALL),
+      *closed_turn('tool', '{"temp": 20}'),
+      *header('assistant'),
+      ('<think>', F),
+      ('The tool said 20.', T),
+      ('</think>', T),
+      ('It is 20 degrees.', T),
+      ('<|im_end|>', T),
+    ),
+  )
   assert 'Call the tool.' not in chat.render_text(tool_conversation(), 3)
 
 
 def test_tool_call_shapes(tok):
-  openai_call = {'type': 'function', 'function': {
-      'name': 'get_weather', 'arguments': '{"city": "Zürich", "days": 2}'}}
+  openai_call = {
+    'type': 'function',
+    'function': {'name': 'get_weather', 'arguments': '{"city": "Zürich", "days": 2}'},
+  }
   plain_call = {'name': 'calculator', 'arguments': {'expression': '2 * 3'}}
-  turn = {'role': 'assistant', 'content': 'Let me check.',
-          'tool_calls': [openai_call, plain_call]}
+  turn = {'role': 'assistant', 'content': 'Let me check.', 'tool_calls': [openai_call, plain_call]}
   conversation = [user('Hi'), turn]
-  calls = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Zürich", '
-           '"days": 2}}\n</tool_call>\n<tool_call>\n{"name": "calculator", '
-           '"arguments": {"expression": "2 * 3"}}\n</tool_call>')
+  calls = (
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Zürich", '
+    '"days": 2}}\n</tool_call>\n<tool_call>\n{"name": "calculator", '
+    '"arguments": {"expression": "2 * 3"}}\n</tool_call>'
+  )
   text = chat.render_text(conversation, 1)
   assert text.endswith('<|im_start|>assistant\nLet me check.\n' + calls + '<|im_end|>')
   sample = chat.render_sample(conversation, 1, tok)
@@ -140,17 +185,18 @@ def test_tool_call_shapes(tok):
   # Missing arguments mean no arguments.
   bare = [user('Hi'), {'role': 'assistant', 'content': '', 'tool_calls': [{'name': 'now'}]}]
   assert chat.render_text(bare, 1).endswith(
-      'assistant\n<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call><|im_end|>')
+    'assistant\n<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call><|im_end|>'
+  )
 
 
 def multi_turn():
   return [
-      user('What is 1 + 1?'),
-      {'role': 'assistant', 'content': 'It is 2.', 'think': 'one plus one'},
-      user('Add 3.'),
-      {'role': 'assistant', 'content': 'It is 5.', 'think_faster': 'two plus three'},
-      user('Add 4.'),
-      {'role': 'assistant', 'content': 'It is 9.', 'think_fast': 'five plus four'},
+    user('What is 1 + 1?'),
+    {'role': 'assistant', 'content': 'It is 2.', 'think': 'one plus one'},
+    user('Add 3.'),
+    {'role': 'assistant', 'content': 'It is 5.', 'think_faster': 'two plus three'},
+    user('Add 4.'),
+    {'role': 'assistant', 'content': 'It is 9.', 'think_fast': 'five plus four'},
   ]
 
 
@@ -158,22 +204,40 @@ def test_multi_turn_one_sample_per_assistant_turn(tok):
   conversation = multi_turn()
   assert chat.assistant_turns(conversation) == [1, 3, 5]
   sample = chat.render_sample(conversation, 5, tok)
-  check_sample(sample, *expected(
-      tok, *closed_turn('user', 'What is 1 + 1?'), *closed_turn('assistant', 'It is 2.'),
-      *closed_turn('user', 'Add 3.'), *closed_turn('assistant', 'It is 5.'),
-      *closed_turn('user', 'Add 4.'), *header('assistant'), ('<think_fast>', F),
-      ('five plus four', T), ('</think_fast>', T), ('It is 9.', T), ('<|im_end|>', T)))
+  check_sample(
+    sample,
+    *expected(
+      tok,
+      *closed_turn('user', 'What is 1 + 1?'),
+      *closed_turn('assistant', 'It is 2.'),
+      *closed_turn('user', 'Add 3.'),
+      *closed_turn('assistant', 'It is 5.'),
+      *closed_turn('user', 'Add 4.'),
+      *header('assistant'),
+      ('<think_fast>', F),
+      ('five plus four', T),
+      ('</think_fast>', T),
+      ('It is 9.', T),
+      ('<|im_end|>', T),
+    ),
+  )
   texts = {t: chat.render_text(conversation, t) for t in (1, 3, 5)}
-  assert texts[1] == ('<|im_start|>user\nWhat is 1 + 1?<|im_end|>\n<|im_start|>assistant\n'
-                      '<think>one plus one</think>It is 2.<|im_end|>')
-  assert texts[3] == ('<|im_start|>user\nWhat is 1 + 1?<|im_end|>\n<|im_start|>assistant\n'
-                      'It is 2.<|im_end|>\n<|im_start|>user\nAdd 3.<|im_end|>\n'
-                      '<|im_start|>assistant\n<think_faster>two plus three</think_faster>'
-                      'It is 5.<|im_end|>')
+  assert texts[1] == (
+    '<|im_start|>user\nWhat is 1 + 1?<|im_end|>\n<|im_start|>assistant\n'
+    '<think>one plus one</think>It is 2.<|im_end|>'
+  )
+  assert texts[3] == (
+    '<|im_start|>user\nWhat is 1 + 1?<|im_end|>\n<|im_start|>assistant\n'
+    'It is 2.<|im_end|>\n<|im_start|>user\nAdd 3.<|im_end|>\n'
+    '<|im_start|>assistant\n<think_faster>two plus three</think_faster>'
+    'It is 5.<|im_end|>'
+  )
   assert 'plus' not in texts[5].split('<think_fast>')[0]
-  trained = {1: 'one plus one</think>It is 2.<|im_end|>',
-             3: 'two plus three</think_faster>It is 5.<|im_end|>',
-             5: 'five plus four</think_fast>It is 9.<|im_end|>'}
+  trained = {
+    1: 'one plus one</think>It is 2.<|im_end|>',
+    3: 'two plus three</think_faster>It is 5.<|im_end|>',
+    5: 'five plus four</think_fast>It is 9.<|im_end|>',
+  }
   for target, text in trained.items():
     assert trained_text(tok, chat.render_sample(conversation, target, tok)) == text
 
@@ -186,12 +250,22 @@ def test_system_prompt_prepended_only_without_system_turn(tok):
   with_prompt = chat.render_text(conversation, 1, system_prompt=chat.DEFAULT_SYSTEM_PROMPT)
   assert with_prompt == system + plain
   sample = chat.render_sample(conversation, 1, tok, system_prompt=chat.DEFAULT_SYSTEM_PROMPT)
-  check_sample(sample, *expected(
-      tok, *closed_turn('system', chat.DEFAULT_SYSTEM_PROMPT), *closed_turn('user', QUESTION),
-      *header('assistant'), (ANSWER, T), ('<|im_end|>', T)))
+  check_sample(
+    sample,
+    *expected(
+      tok,
+      *closed_turn('system', chat.DEFAULT_SYSTEM_PROMPT),
+      *closed_turn('user', QUESTION),
+      *header('assistant'),
+      (ANSWER, T),
+      ('<|im_end|>', T),
+    ),
+  )
   own = [{'role': 'system', 'content': 'Be brief.'}] + conversation
-  assert (chat.render_text(own, 2, system_prompt=chat.DEFAULT_SYSTEM_PROMPT)
-          == '<|im_start|>system\nBe brief.<|im_end|>\n' + plain)
+  assert (
+    chat.render_text(own, 2, system_prompt=chat.DEFAULT_SYSTEM_PROMPT)
+    == '<|im_start|>system\nBe brief.<|im_end|>\n' + plain
+  )
 
 
 def test_truncation_cuts_both_arrays(tok):
@@ -210,13 +284,15 @@ def test_truncation_cuts_both_arrays(tok):
 
 def test_render_text_is_decoded_sample(tok):
   conversations = [multi_turn(), tool_conversation()] + [
-      r['conversations'] for r in pq.read_table(os.path.join(SFT_DIR, 'eval.parquet')).to_pylist()]
+    r['conversations'] for r in pq.read_table(os.path.join(SFT_DIR, 'eval.parquet')).to_pylist()
+  ]
   for conversation in conversations:
     for target in chat.assistant_turns(conversation):
       for system_prompt in (None, chat.DEFAULT_SYSTEM_PROMPT):
         sample = chat.render_sample(conversation, target, tok, system_prompt=system_prompt)
         assert tok.decode(sample['tokens']) == chat.render_text(
-            conversation, target, system_prompt=system_prompt)
+          conversation, target, system_prompt=system_prompt
+        )
 
 
 def test_parquet_shaped_turns(tok):
@@ -250,27 +326,35 @@ def test_render_sample_rejects_bad_targets(tok):
 
 # --- prompts -----------------------------------------------------------------
 
+
 @pytest.mark.parametrize('effort', ['high', 'medium', 'low'])
 def test_render_prompt_ends_with_open_tag(tok, effort):
   messages = multi_turn()[:5]
   ids = chat.render_prompt(messages, tok, effort)
   open_tag = TAGS[effort][0]
-  tail = [tok.special_token_id('<|im_start|>')] + tok.encode('assistant\n') + [
-      tok.special_token_id(open_tag)]
-  assert ids[-len(tail):] == tail
+  tail = (
+    [tok.special_token_id('<|im_start|>')]
+    + tok.encode('assistant\n')
+    + [tok.special_token_id(open_tag)]
+  )
+  assert ids[-len(tail) :] == tail
   # Same context as the training sample of turn 5, reasoning of history dropped.
   assert tok.decode(ids) == chat.render_text(multi_turn(), 5).split('<think_fast>')[0] + open_tag
-  with_system = chat.render_prompt([user('Hi')], tok, effort,
-                                   system_prompt=chat.DEFAULT_SYSTEM_PROMPT)
+  with_system = chat.render_prompt(
+    [user('Hi')], tok, effort, system_prompt=chat.DEFAULT_SYSTEM_PROMPT
+  )
   assert tok.decode(with_system) == (
-      f'<|im_start|>system\n{chat.DEFAULT_SYSTEM_PROMPT}<|im_end|>\n'
-      f'<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n{open_tag}')
+    f'<|im_start|>system\n{chat.DEFAULT_SYSTEM_PROMPT}<|im_end|>\n'
+    f'<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n{open_tag}'
+  )
 
 
 def test_render_prompt_defaults_and_errors(tok):
   ids = chat.render_prompt([user('Hi')], tok)
   assert ids[-1] == tok.special_token_id('<think>')
-  with pytest.raises(ValueError, match=r"unknown reasoning_effort 'max': expected one of high\|medium\|low"):
+  with pytest.raises(
+    ValueError, match=r"unknown reasoning_effort 'max': expected one of high\|medium\|low"
+  ):
     chat.render_prompt([user('Hi')], tok, 'max')
 
 
@@ -283,43 +367,81 @@ def bad_call(call):
   return [user('x'), {'role': 'assistant', 'content': '', 'tool_calls': [call]}]
 
 
-@pytest.mark.parametrize('value, message', [
+@pytest.mark.parametrize(
+  'value, message',
+  [
     ('hello', 'conversation must be a list of turns, got str'),
     ({'role': 'user'}, 'conversation must be a list of turns, got dict'),
     ([], 'no assistant turn'),
     ([user('hi'), {'role': 'tool', 'content': 'x'}], 'no assistant turn'),
     ([user('hi'), 'oops'], 'turn 1: expected a dict, got str'),
     ([{'content': 'hi'}, ASSISTANT], "turn 0: missing 'role'"),
-    ([user('hi'), {'role': 'bot', 'content': 'x'}],
-     "turn 1: role 'bot' is not one of system|user|assistant|tool"),
-    ([{'role': 'user', 'content': None}, ASSISTANT], "turn 0: 'content' must be a string, got NoneType"),
-    ([user('hi'), {'role': 'assistant', 'content': 3}], "turn 1: 'content' must be a string, got int"),
-    ([user('hi'), dict(ASSISTANT, think='a', think_fast='b')],
-     "turn 1: both 'think' and 'think_fast' set"),
-    ([user('hi'), dict(ASSISTANT, think_fast='a', think_faster='b')],
-     "turn 1: both 'think_fast' and 'think_faster' set"),
+    (
+      [user('hi'), {'role': 'bot', 'content': 'x'}],
+      "turn 1: role 'bot' is not one of system|user|assistant|tool",
+    ),
+    (
+      [{'role': 'user', 'content': None}, ASSISTANT],
+      "turn 0: 'content' must be a string, got NoneType",
+    ),
+    (
+      [user('hi'), {'role': 'assistant', 'content': 3}],
+      "turn 1: 'content' must be a string, got int",
+    ),
+    (
+      [user('hi'), dict(ASSISTANT, think='a', think_fast='b')],
+      "turn 1: both 'think' and 'think_fast' set",
+    ),
+    (
+      [user('hi'), dict(ASSISTANT, think_fast='a', think_faster='b')],
+      "turn 1: both 'think_fast' and 'think_faster' set",
+    ),
     ([user('hi'), dict(ASSISTANT, think=5)], "turn 1: 'think' must be a string, got int"),
-    ([dict(user('hi'), think='a'), ASSISTANT],
-     "turn 0: 'think' is only allowed on assistant turns, not 'user'"),
-    ([dict(user('hi'), tool_calls=[{'name': 'f'}]), ASSISTANT],
-     "turn 0: 'tool_calls' is only allowed on assistant turns, not 'user'"),
-    ([user('hi'), {'role': 'assistant', 'content': None}],
-     'turn 1: assistant turn has no content, tool_calls or reasoning'),
+    (
+      [dict(user('hi'), think='a'), ASSISTANT],
+      "turn 0: 'think' is only allowed on assistant turns, not 'user'",
+    ),
+    (
+      [dict(user('hi'), tool_calls=[{'name': 'f'}]), ASSISTANT],
+      "turn 0: 'tool_calls' is only allowed on assistant turns, not 'user'",
+    ),
+    (
+      [user('hi'), {'role': 'assistant', 'content': None}],
+      'turn 1: assistant turn has no content, tool_calls or reasoning',
+    ),
     ([user('hi'), dict(ASSISTANT, tool_calls='[{')], "turn 1: 'tool_calls' is not valid JSON"),
-    ([user('hi'), dict(ASSISTANT, tool_calls={'name': 'f'})],
-     "turn 1: 'tool_calls' must be a list of calls, got dict"),
+    (
+      [user('hi'), dict(ASSISTANT, tool_calls={'name': 'f'})],
+      "turn 1: 'tool_calls' must be a list of calls, got dict",
+    ),
     (bad_call('f'), 'turn 1: tool_calls[0]: expected a dict, got str'),
-    (bad_call({'arguments': {}}), "turn 1: tool_calls[0]: 'name' must be a non-empty string, got None"),
-    (bad_call({'name': '', 'arguments': {}}), "tool_calls[0]: 'name' must be a non-empty string, got ''"),
-    (bad_call({'name': 'f', 'arguments': '{bad'}), "turn 1: tool_calls[0]: 'arguments' is not valid JSON"),
-    (bad_call({'name': 'f', 'arguments': '[1, 2]'}),
-     "turn 1: tool_calls[0]: 'arguments' must be a JSON object, got list"),
+    (
+      bad_call({'arguments': {}}),
+      "turn 1: tool_calls[0]: 'name' must be a non-empty string, got None",
+    ),
+    (
+      bad_call({'name': '', 'arguments': {}}),
+      "tool_calls[0]: 'name' must be a non-empty string, got ''",
+    ),
+    (
+      bad_call({'name': 'f', 'arguments': '{bad'}),
+      "turn 1: tool_calls[0]: 'arguments' is not valid JSON",
+    ),
+    (
+      bad_call({'name': 'f', 'arguments': '[1, 2]'}),
+      "turn 1: tool_calls[0]: 'arguments' must be a JSON object, got list",
+    ),
     (bad_call({'name': 'f', 'arguments': 7}), "'arguments' must be a JSON object, got int"),
-    (bad_call({'type': 'function', 'function': 'f'}),
-     'turn 1: tool_calls[0].function: expected a dict, got str'),
-    (bad_call({'type': 'function', 'function': {'arguments': '{}'}}),
-     "turn 1: tool_calls[0].function: 'name' must be a non-empty string"),
-])
+    (
+      bad_call({'type': 'function', 'function': 'f'}),
+      'turn 1: tool_calls[0].function: expected a dict, got str',
+    ),
+    (
+      bad_call({'type': 'function', 'function': {'arguments': '{}'}}),
+      "turn 1: tool_calls[0].function: 'name' must be a non-empty string",
+    ),
+  ],
+)
 def test_check_conversation_errors(value, message):
   with pytest.raises(ValueError) as error:
     chat.check_conversation(value)
@@ -339,6 +461,7 @@ def test_check_conversation_accepts_and_returns():
 
 
 # --- demo SFT data -----------------------------------------------------------
+
 
 def read_records(name):
   return pq.read_table(os.path.join(SFT_DIR, f'{name}.parquet')).to_pylist()
@@ -369,4 +492,5 @@ def test_demo_sft_regenerates(tmp_path):
     new = pq.read_table(tmp_path / 'sft' / f'{name}.parquet').to_pylist()
     assert new == read_records(name), f'sft/{name}.parquet is stale: rerun demo_corpus'
   assert new == demo_corpus.generate_conversations(
-      demo_corpus.SFT_EVAL_SEED, demo_corpus.SFT_EVAL_CONVERSATIONS, 'eval')
+    demo_corpus.SFT_EVAL_SEED, demo_corpus.SFT_EVAL_CONVERSATIONS, 'eval'
+  )

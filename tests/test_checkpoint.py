@@ -13,17 +13,25 @@ import jax
 import numpy as np
 import pytest
 
-from k2jax import checkpoint, run_config, train, train_step
+from k2jax import run_config, train
+from k2jax.training import checkpoint, train_step
 from tests.conftest import REPO
 
 TOTAL_STEPS = 10
 # The numbers that must not change across a restart (throughput and ETA may).
 EXACT = ('loss', 'grad_norm', 'update_norm', 'param_norm', 'learning_rate', 'loss_tokens')
 SMALL = dict(total_steps=TOTAL_STEPS, log_every=1, eval_every=0)
-SMALL_FLAGS = ('--config.model.num_layers=2', '--config.data.seq_len=64',
-               '--config.data.global_batch_size=8', f'--config.total_steps={TOTAL_STEPS}',
-               '--config.log_every=1', '--config.eval_every=0', '--config.checkpoint.every=2',
-               '--config.checkpoint.keep=2', '--config.checkpoint.keep_every=4')
+SMALL_FLAGS = (
+  '--config.model.num_layers=2',
+  '--config.data.seq_len=64',
+  '--config.data.global_batch_size=8',
+  f'--config.total_steps={TOTAL_STEPS}',
+  '--config.log_every=1',
+  '--config.eval_every=0',
+  '--config.checkpoint.every=2',
+  '--config.checkpoint.keep=2',
+  '--config.checkpoint.keep_every=4',
+)
 
 
 def small_config(**overrides):
@@ -55,8 +63,9 @@ def read_metrics(workdir):
 
 def saved_params(workdir, step, cfg):
   plan = train_step.plan(cfg)
-  return jax.device_get(checkpoint.load_params(
-      os.path.join(checkpoint.directory(workdir), str(step)), plan))
+  return jax.device_get(
+    checkpoint.load_params(os.path.join(checkpoint.directory(workdir), str(step)), plan)
+  )
 
 
 @pytest.fixture(scope='module')
@@ -153,11 +162,15 @@ def test_init_from_hands_over_with_a_new_rope_and_length(uninterrupted, tmp_path
   prepared = train.prepare(cfg, str(tmp_path))
   assert prepared['init_from'] == os.path.join(checkpoint.directory(source_dir), '10')
   params = checkpoint.load_params(prepared['init_from'], prepared['plan'])
-  for array, sharding in zip(jax.tree.leaves(params),
-                             jax.tree.leaves(prepared['plan'].state_sharding.params)):
+  for array, sharding in zip(
+    jax.tree.leaves(params), jax.tree.leaves(prepared['plan'].state_sharding.params)
+  ):
     assert array.sharding == sharding
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(params),
-               saved_params(source_dir, 10, small_config()))
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    jax.device_get(params),
+    saved_params(source_dir, 10, small_config()),
+  )
 
   capsys.readouterr()
   records = train.run(prepared)
@@ -172,16 +185,25 @@ def test_init_from_shape_mismatch_names_the_parameter(uninterrupted, tmp_path):
   step_dir = os.path.join(checkpoint.directory(uninterrupted[0]), '8')
   cfg = small_config(init_from=step_dir)
   cfg.model.num_layers = 3
-  with pytest.raises(ValueError, match=r'parameter layers/\S+ has shape \(2, .*\) in the '
-                                       r'checkpoint but \(3, .*\) in this model'):
+  with pytest.raises(
+    ValueError,
+    match=r'parameter layers/\S+ has shape \(2, .*\) in the '
+    r'checkpoint but \(3, .*\) in this model',
+  ):
     train.prepare(cfg, str(tmp_path))
 
 
 def cli_run_past_first_checkpoint(workdir, **popen_args):
   """Starts the CLI on the small config; returns once its first checkpoint is committed."""
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
-  command = [sys.executable, '-m', 'k2jax.train', '--config=configs/pretrain.py:debug',
-             f'--workdir={workdir}', *SMALL_FLAGS]
+  command = [
+    sys.executable,
+    '-m',
+    'k2jax.train',
+    '--config=configs/pretrain.py:debug',
+    f'--workdir={workdir}',
+    *SMALL_FLAGS,
+  ]
   process = subprocess.Popen(command, cwd=REPO, env=env, **popen_args)
   deadline = time.time() + 300
   while not checkpoint.committed_steps(checkpoint.directory(workdir)):
@@ -194,8 +216,7 @@ def cli_run_past_first_checkpoint(workdir, **popen_args):
 
 def restart_matches(command, env, workdir, reference) -> str:
   """Runs the same command again; its metrics.jsonl must be the uninterrupted run's."""
-  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr
   assert exact(read_metrics(str(workdir))) == exact(reference)
   return result.stdout
@@ -205,7 +226,8 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint(uninterrupted, tmp_path)
   """Preemption: SIGTERM -> finish the step, save it, exit 0; the restart loses nothing."""
   _, reference = uninterrupted
   process, command, env = cli_run_past_first_checkpoint(
-      tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
   process.send_signal(signal.SIGTERM)
   stdout, stderr = process.communicate(timeout=300)
   assert process.returncode == 0, stderr
@@ -216,15 +238,19 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint(uninterrupted, tmp_path)
   assert stopped_at < TOTAL_STEPS
   ckpt_dir = checkpoint.directory(str(tmp_path))
   assert checkpoint.committed_steps(ckpt_dir)[-1] == stopped_at  # saved at the stop itself
-  assert f'resumed from {ckpt_dir}/{stopped_at}' in restart_matches(command, env, tmp_path,
-                                                                      reference)
+  assert f'resumed from {ckpt_dir}/{stopped_at}' in restart_matches(
+    command, env, tmp_path, reference
+  )
 
 
-@pytest.mark.parametrize('mesh, devices', [(dict(data=2, tensor=4), 8), (dict(data=4, tensor=1), 4)])
+@pytest.mark.parametrize(
+  'mesh, devices', [(dict(data=2, tensor=4), 8), (dict(data=4, tensor=1), 4)]
+)
 def test_restore_onto_another_mesh(uninterrupted, tmp_path, mesh, devices):
   """Saved on data 8; restored onto data 2 x tensor 4, or onto 4 devices: the same numbers."""
   from data_pipeline import pipeline
-  from k2jax import sharding
+  from k2jax.parallel import sharding
+
   workdir, reference = uninterrupted
   saved = saved_params(workdir, 8, small_config())
   cfg = small_config(**{f'mesh.{axis}': size for axis, size in mesh.items()})
@@ -235,14 +261,19 @@ def test_restore_onto_another_mesh(uninterrupted, tmp_path, mesh, devices):
   batches = pipeline.build(cfg.data, seed=cfg.seed, split='train')
   with sharding.activate(plan.mesh, cfg.mesh.fsdp):
     state = checkpoints.restore(8, plan, batches)
-    for array, wanted in zip(jax.tree.leaves(state.params), jax.tree.leaves(plan.state_sharding.params)):
+    for array, wanted in zip(
+      jax.tree.leaves(state.params), jax.tree.leaves(plan.state_sharding.params)
+    ):
       assert array.sharding == wanted
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), saved)
     step_fn = plan.jit_train_step()
     losses = []
     for _ in range(2):  # steps 9 and 10, on the new mesh
-      batch = {k: sharding.host_array(plan.batch_sharding, v)
-               for k, v in next(batches).items() if k in train_step.BATCH_KEYS}
+      batch = {
+        k: sharding.host_array(plan.batch_sharding, v)
+        for k, v in next(batches).items()
+        if k in train_step.BATCH_KEYS
+      }
       state, metrics = step_fn(state, batch)
       losses.append(float(metrics['loss']))
   checkpoints.close()
@@ -255,7 +286,8 @@ def test_killed_during_an_async_save_resumes_to_the_same_losses(uninterrupted, t
   half-written step is ignored and the restart's metrics.jsonl is as if never interrupted."""
   _, reference = uninterrupted
   process, command, env = cli_run_past_first_checkpoint(
-      tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
   ckpt_dir = checkpoint.directory(str(tmp_path))
   deadline = time.time() + 120
   while not glob.glob(os.path.join(ckpt_dir, '*tmp*')):  # the next save in progress
@@ -270,15 +302,23 @@ def test_killed_during_an_async_save_resumes_to_the_same_losses(uninterrupted, t
 
 def test_init_from_optimizer_carries_the_moments_and_restarts_the_schedule(uninterrupted, tmp_path):
   import optax
+
   source_dir, _ = uninterrupted
-  cfg = small_config(total_steps=2, init_from=source_dir, init_from_optimizer=True,
-                     **{'optim.warmup_steps': 1})
+  cfg = small_config(
+    total_steps=2, init_from=source_dir, init_from_optimizer=True, **{'optim.warmup_steps': 1}
+  )
   prepared = train.prepare(cfg, str(tmp_path))
   opt_state = checkpoint.load_opt_state(prepared['init_from'], prepared['plan'])
-  adam = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
-          if isinstance(s, optax.ScaleByAdamState)]
-  schedule = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
-              if isinstance(s, optax.ScaleByScheduleState)]
+  adam = [
+    s
+    for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+    if isinstance(s, optax.ScaleByAdamState)
+  ]
+  schedule = [
+    s
+    for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+    if isinstance(s, optax.ScaleByScheduleState)
+  ]
   assert int(adam[0].count) == 10  # Adam's bias correction goes on from the source's step 10
   assert int(schedule[0].count) == 0  # the new stage's schedule starts at its step 0
   assert float(jax.tree.leaves(adam[0].mu)[0].std()) > 0  # moments carried over

@@ -5,11 +5,13 @@ import os
 
 import pytest
 
-from k2jax import model_config, run_config
+from k2jax import run_config
+from k2jax.model import config as model_config
 from tests.conftest import REPO
 
 SPECS = ['configs/pretrain.py', 'configs/sft.py'] + [
-    f'configs/midtrain.py:stage{i}' for i in range(1, 5)]
+  f'configs/midtrain.py:stage{i}' for i in range(1, 5)
+]
 
 
 def load(spec):
@@ -40,15 +42,22 @@ def test_pretraining_numbers():
   assert cfg.model.dtype == 'bfloat16' and cfg.model.param_dtype == 'float32'
 
 
-@pytest.mark.parametrize('stage,seq_len,rope,batch,steps,cp', [
+@pytest.mark.parametrize(
+  'stage,seq_len,rope,batch,steps,cp',
+  [
     (1, 8_192, 5e5, 1600, 135_000, 1),
     (2, 65_536, 1e6, 200, 45_000, 1),
     (3, 131_072, 1e7, 100, 17_500, 2),
     (4, 524_288, 1e7, 25, 10_000, 8),
-])
+  ],
+)
 def test_midtraining_stages(stage, seq_len, rope, batch, steps, cp):
   cfg = load(f'configs/midtrain.py:stage{stage}')
-  assert (cfg.data.seq_len, cfg.model.rope_base, cfg.data.global_batch_size) == (seq_len, rope, batch)
+  assert (cfg.data.seq_len, cfg.model.rope_base, cfg.data.global_batch_size) == (
+    seq_len,
+    rope,
+    batch,
+  )
   assert (cfg.total_steps, cfg.mesh.sequence, cfg.mesh.tensor) == (steps, cp, 8)
   assert abs(seq_len * batch - 13.1e6) / 13.1e6 < 0.03  # ~13.1M tokens per step
   if stage == 1:
@@ -89,8 +98,9 @@ def test_config_arguments_are_checked():
 def test_validation_names_the_key():
   cfg = load('configs/pretrain.py:debug')
   cfg.optim.grad_accum_steps = 3
-  with pytest.raises(ValueError, match='global_batch_size=16 is not divisible by '
-                                       'optim.grad_accum_steps=3'):
+  with pytest.raises(
+    ValueError, match='global_batch_size=16 is not divisible by optim.grad_accum_steps=3'
+  ):
     run_config.validate(cfg)
   cfg = load('configs/pretrain.py:debug')
   cfg.mesh.sequence = 0
@@ -104,19 +114,26 @@ def test_validation_names_the_key():
 
 def test_data_banks_carry_the_published_mixtures():
   from data_pipeline import mixture
+
   pretrain = load('configs/pretrain.py')
   shares = {s.name: s.share for s in mixture.load_data_bank(pretrain.data.mixture, '/data')}
   assert sum(shares.values()) == pytest.approx(1.0)
   assert (shares['cc_drop'], shares['cc_keep'], shares['txt360_qa']) == pytest.approx(
-      (0.302, 0.272, 0.158))
+    (0.302, 0.272, 0.158)
+  )
   assert (shares['opencoder'], shares['opencoder_fim'], shares['wikipedia']) == pytest.approx(
-      (0.071, 0.065, 0.009))
+    (0.071, 0.065, 0.009)
+  )
   stage1 = load('configs/midtrain.py:stage1')
   shares = {s.name: s.share for s in mixture.load_data_bank(stage1.data.mixture, '/data')}
-  assert (shares['web_sample'], shares['math'], shares['books']) == pytest.approx((0.28, 0.24, 0.10))
+  assert (shares['web_sample'], shares['math'], shares['books']) == pytest.approx(
+    (0.28, 0.24, 0.10)
+  )
   code = shares['code'] + shares['code_fim'] + shares['code_topo_sorted']
   assert code == pytest.approx(0.12)
-  assert all(s.path.startswith('/data/') for s in mixture.load_data_bank(stage1.data.mixture, '/data'))
+  assert all(
+    s.path.startswith('/data/') for s in mixture.load_data_bank(stage1.data.mixture, '/data')
+  )
   assert load('configs/midtrain.py:stage2').data.mixture == ''  # not public: set per run
   sft = load('configs/sft.py')
   assert sft.data.format == 'chat'

@@ -17,9 +17,13 @@ from safetensors import safe_open
 
 from data_pipeline import chat
 from data_pipeline.tokenizer import load_tokenizer
-from k2jax import (checkpoint, convert, hf_tokenizer, model_config, run_config,
-                   safetensors_io, sharding, train, train_step)
-from k2jax.model import Transformer
+from k2jax import convert, run_config, train
+from k2jax.hf import safetensors_io
+from k2jax.hf import tokenizer as hf_tokenizer
+from k2jax.model import config as model_config
+from k2jax.model.transformer import Transformer
+from k2jax.parallel import sharding
+from k2jax.training import checkpoint, train_step
 from tests.conftest import REPO
 
 torch = pytest.importorskip('torch')
@@ -36,8 +40,16 @@ quiet = lambda message: None  # noqa: E731
 def tiny_stage():
   """configs/sft.py:debug with a 2-layer model on a data 4 x tensor 2 FSDP mesh."""
   cfg = run_config.load(os.path.join(REPO, 'configs/sft.py:debug'))
-  cfg.model.update(num_layers=2, vocab_size=2048, hidden_size=64, ffn_size=160, num_heads=4,
-                   num_kv_heads=2, head_dim=16, rope_base=1e6)
+  cfg.model.update(
+    num_layers=2,
+    vocab_size=2048,
+    hidden_size=64,
+    ffn_size=160,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    rope_base=1e6,
+  )
   cfg.mesh.update(data=4, tensor=2, fsdp=True)
   cfg.data.seq_len = SEQ_LEN
   return cfg
@@ -71,8 +83,9 @@ def safetensors_of(hf_dir):
 
 def sharding_paths(tree):
   """{'layers/mlp/up': array, ...} of a parameter tree."""
-  return {sharding.path_name(p): np.asarray(v)
-          for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    sharding.path_name(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 @pytest.fixture(scope='module')
@@ -81,13 +94,18 @@ def run(tmp_path_factory):
   cfg = tiny_stage()
   plan = train_step.plan(cfg)
   rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda a: (0.1 * rng.standard_normal(a.shape)).astype(a.dtype),
-                        plan.abstract_state.params)
+  params = jax.tree.map(
+    lambda a: (0.1 * rng.standard_normal(a.shape)).astype(a.dtype), plan.abstract_state.params
+  )
   workdir = str(tmp_path_factory.mktemp('run'))
   with ocp.CheckpointManager(checkpoint.directory(workdir)) as manager:
-    manager.save(7, args=ocp.args.Composite(
+    manager.save(
+      7,
+      args=ocp.args.Composite(
         params=ocp.args.StandardSave(jax.device_put(params, plan.state_sharding.params)),
-        config=ocp.args.JsonSave(json.loads(cfg.to_json_best_effort()))))
+        config=ocp.args.JsonSave(json.loads(cfg.to_json_best_effort())),
+      ),
+    )
     manager.wait_until_finished()
   return workdir, cfg, plan, params
 
@@ -96,28 +114,33 @@ def run(tmp_path_factory):
 def exported(run, tmp_path_factory):
   """to-hf in float32; small shards, so tensors spread over many files."""
   out = str(tmp_path_factory.mktemp('hf') / 'fp32')
-  convert.to_hf(run[0], out, dtype='float32', tokenizer=HF_TOKENIZER, shard_size=200e3,
-                log=quiet)
+  convert.to_hf(run[0], out, dtype='float32', tokenizer=HF_TOKENIZER, shard_size=200e3, log=quiet)
   return out
 
 
 def test_to_hf_loads_in_transformers_with_equal_logits(run, exported):
   workdir, _, plan, params = run
   # The checkpoint holds device shards as chunks: to-hf puts each in its place.
-  q = ocp.StandardCheckpointer().metadata(os.path.join(
-      checkpoint.directory(workdir), '7', 'params')).item_metadata.tree['layers']['attention']['q']
+  q = (
+    ocp.StandardCheckpointer()
+    .metadata(os.path.join(checkpoint.directory(workdir), '7', 'params'))
+    .item_metadata.tree['layers']['attention']['q']
+  )
   assert (q.shape, q.storage.chunk_shape) == ((2, 64, 4, 16), (2, 16, 2, 16))
   tokens = np.random.default_rng(1).integers(0, 2048, (2, 24))
-  np.testing.assert_allclose(hf_logits(exported, tokens),
-                             k2jax_logits(plan.model_cfg, params, tokens), atol=1e-4, rtol=0)
+  np.testing.assert_allclose(
+    hf_logits(exported, tokens), k2jax_logits(plan.model_cfg, params, tokens), atol=1e-4, rtol=0
+  )
   config = json.load(open(os.path.join(exported, 'config.json')))
   assert (config['rope_theta'], config['max_position_embeddings']) == (1e6, SEQ_LEN)
   assert (config['bos_token_id'], config['eos_token_id']) == (0, [1, IM_END])
   assert (config['torch_dtype'], config['tie_word_embeddings']) == ('float32', False)
   index = json.load(open(os.path.join(exported, 'model.safetensors.index.json')))
   assert len(set(index['weight_map'].values())) > 3 and len(index['weight_map']) == 2 * 9 + 3
-  assert json.load(open(os.path.join(exported, 'generation_config.json')))['eos_token_id'] == \
-      [1, IM_END]
+  assert json.load(open(os.path.join(exported, 'generation_config.json')))['eos_token_id'] == [
+    1,
+    IM_END,
+  ]
   assert not os.path.exists(exported + '.partial')
   assert safetensors_of(exported)[1] == {'F32'}
 
@@ -159,18 +182,28 @@ def test_to_hf_bfloat16_with_the_runs_sentencepiece_tokenizer(run, exported, tmp
   assert os.path.isfile(os.path.join(out, 'tokenizer.model'))
   hf_tok = transformers.AutoTokenizer.from_pretrained(out)
   messages = [{'role': 'user', 'content': 'What is 12 + 30?'}]
-  assert hf_tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False) == \
-      chat.render_prompt(messages, load_tokenizer(SP_TOKENIZER))
+  assert hf_tok.apply_chat_template(
+    messages, add_generation_prompt=True, return_dict=False
+  ) == chat.render_prompt(messages, load_tokenizer(SP_TOKENIZER))
 
 
 # --- HF -> k2jax --------------------------------------------------------------------------
 
+
 def random_llama(num_kv_heads=2, rope_theta=5e5, vocab=128, seed=0):
   config = transformers.LlamaConfig(
-      vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=num_kv_heads, head_dim=16,
-      rope_theta=rope_theta, rms_norm_eps=1e-5, tie_word_embeddings=False,
-      max_position_embeddings=256)
+    vocab_size=vocab,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=num_kv_heads,
+    head_dim=16,
+    rope_theta=rope_theta,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    max_position_embeddings=256,
+  )
   torch.manual_seed(seed)
   model = transformers.LlamaForCausalLM(config).eval()
   with torch.no_grad():  # non-trivial norm weights, so the (1+w) mapping is exercised
@@ -195,11 +228,13 @@ def test_from_hf_logits_match_transformers(num_kv_heads, rope_theta, tmp_path):
   params = ocp.StandardCheckpointer().restore(os.path.join(out, 'params'))
   assert {a.dtype for a in jax.tree.leaves(params)} == {np.dtype('float32')}
   tokens = np.random.default_rng(0).integers(0, 128, (2, 24))
-  np.testing.assert_allclose(k2jax_logits(cfg, params, tokens), hf_logits(model, tokens),
-                             atol=1e-4, rtol=0)
+  np.testing.assert_allclose(
+    k2jax_logits(cfg, params, tokens), hf_logits(model, tokens), atol=1e-4, rtol=0
+  )
 
 
 # --- the exported tokenizer ---------------------------------------------------------------
+
 
 def hf_messages(conversation):
   """A 3efforts conversation the way HF callers write it: no None keys, tool calls as
@@ -211,21 +246,29 @@ def hf_messages(conversation):
       turn['tool_calls'] = json.loads(turn['tool_calls'])
       for call in turn['tool_calls']:
         function = call.get('function', call)
-        function['arguments'] = json.loads(function['arguments']) \
-            if isinstance(function['arguments'], str) else function['arguments']
+        function['arguments'] = (
+          json.loads(function['arguments'])
+          if isinstance(function['arguments'], str)
+          else function['arguments']
+        )
     out.append(turn)
   return out
 
 
 TOOL_CONVERSATION = [
-    {'role': 'system', 'content': 'You are a careful assistant.'},
-    {'role': 'user', 'content': 'Weather in Lomi?'},
-    {'role': 'assistant', 'content': 'Let me check.', 'think': 'Use the tool.',
-     'tool_calls': [{'name': 'get_weather', 'arguments': {'city': 'Lomi'}},
-                    {'type': 'function', 'function': {'name': 'get_time',
-                                                      'arguments': '{"city": "Lomi"}'}}]},
-    {'role': 'tool', 'content': '{"temp": 21}'},
-    {'role': 'user', 'content': 'Thanks! And tomorrow?'},
+  {'role': 'system', 'content': 'You are a careful assistant.'},
+  {'role': 'user', 'content': 'Weather in Lomi?'},
+  {
+    'role': 'assistant',
+    'content': 'Let me check.',
+    'think': 'Use the tool.',
+    'tool_calls': [
+      {'name': 'get_weather', 'arguments': {'city': 'Lomi'}},
+      {'type': 'function', 'function': {'name': 'get_time', 'arguments': '{"city": "Lomi"}'}},
+    ],
+  },
+  {'role': 'tool', 'content': '{"temp": 21}'},
+  {'role': 'user', 'content': 'Thanks! And tomorrow?'},
 ]
 
 
@@ -235,14 +278,18 @@ def test_chat_template_renders_like_data_pipeline_chat(source, tmp_path):
   assert ids == {'bos_token_id': 0, 'eos_token_id': [1, IM_END], 'pad_token_id': 3}
   hf_tok, tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path)), load_tokenizer(source)
   conversations = [TOOL_CONVERSATION] + [
-      r['conversations'] for r in pq.read_table(os.path.join(DEMO, 'sft', 'train.parquet'),
-                                                columns=['conversations']).to_pylist()[:40]]
+    r['conversations']
+    for r in pq.read_table(
+      os.path.join(DEMO, 'sft', 'train.parquet'), columns=['conversations']
+    ).to_pylist()[:40]
+  ]
   for conversation in conversations:
     prompt = conversation if conversation[-1]['role'] != 'assistant' else conversation[:-1]
     for effort in ('high', 'medium', 'low'):
       want = chat.render_prompt(prompt, tok, effort)
-      text = hf_tok.apply_chat_template(hf_messages(prompt), add_generation_prompt=True,
-                                        reasoning_effort=effort, tokenize=False)
+      text = hf_tok.apply_chat_template(
+        hf_messages(prompt), add_generation_prompt=True, reasoning_effort=effort, tokenize=False
+      )
       assert text == tok.decode(want), (effort, prompt)
       # chat.py encodes each piece alone, HF the whole text. SentencePiece has no
       # pre-tokenizer to cut at piece boundaries, so content followed by a tool call
@@ -251,20 +298,27 @@ def test_chat_template_renders_like_data_pipeline_chat(source, tmp_path):
         assert hf_tok.encode(text, add_special_tokens=False) == want, (effort, prompt)
     if conversation[-1]['role'] == 'assistant':  # a training sample: the final turn's target
       last = len(conversation) - 1
-      assert hf_tok.apply_chat_template(hf_messages(conversation), tokenize=False) == \
-          chat.render_text(conversation, last)
-      assert hf_tok.apply_chat_template(hf_messages(conversation), return_dict=False) == \
-          chat.render_sample(conversation, last, tok)['tokens'].tolist()
+      assert hf_tok.apply_chat_template(
+        hf_messages(conversation), tokenize=False
+      ) == chat.render_text(conversation, last)
+      assert (
+        hf_tok.apply_chat_template(hf_messages(conversation), return_dict=False)
+        == chat.render_sample(conversation, last, tok)['tokens'].tolist()
+      )
   # Default effort is high; an optional system prompt as in render_prompt.
   no_system = TOOL_CONVERSATION[1:2]
-  assert hf_tok.apply_chat_template(no_system, add_generation_prompt=True, return_dict=False,
-                                    system_prompt=chat.DEFAULT_SYSTEM_PROMPT) == \
-      chat.render_prompt(no_system, tok, system_prompt=chat.DEFAULT_SYSTEM_PROMPT)
+  assert hf_tok.apply_chat_template(
+    no_system,
+    add_generation_prompt=True,
+    return_dict=False,
+    system_prompt=chat.DEFAULT_SYSTEM_PROMPT,
+  ) == chat.render_prompt(no_system, tok, system_prompt=chat.DEFAULT_SYSTEM_PROMPT)
   with pytest.raises(Exception, match='unknown reasoning_effort extreme'):
     hf_tok.apply_chat_template(no_system, add_generation_prompt=True, reasoning_effort='extreme')
 
 
 # --- refusals -----------------------------------------------------------------------------
+
 
 def write_config(hf_dir, **changes):
   os.makedirs(hf_dir, exist_ok=True)
@@ -274,17 +328,22 @@ def write_config(hf_dir, **changes):
     json.dump(config, f)
 
 
-@pytest.mark.parametrize('changes,message', [
+@pytest.mark.parametrize(
+  'changes,message',
+  [
     (dict(attention_bias=True), 'attention_bias=True is not supported'),
     (dict(mlp_bias=True), 'mlp_bias=True is not supported'),
     (dict(tie_word_embeddings=True), 'tie_word_embeddings=True is not supported'),
     (dict(rope_scaling={'rope_type': 'llama3', 'factor': 8.0}), 'rope_scaling='),
-    (dict(rope_parameters={'rope_type': 'yarn', 'rope_theta': 1e4, 'factor': 4.0}),
-     'rope_parameters.rope_type=.yarn. is not supported'),
+    (
+      dict(rope_parameters={'rope_type': 'yarn', 'rope_theta': 1e4, 'factor': 4.0}),
+      'rope_parameters.rope_type=.yarn. is not supported',
+    ),
     (dict(hidden_act='gelu'), "hidden_act='gelu' is not supported"),
     (dict(model_type='mistral'), "model_type='mistral' is not supported"),
     (dict(num_key_value_heads=3), 'num_heads=4 is not a multiple of model.num_kv_heads=3'),
-])
+  ],
+)
 def test_unsupported_hf_config_is_refused_naming_the_field(changes, message, tmp_path):
   write_config(str(tmp_path), **changes)
   with pytest.raises(ValueError, match=message):
@@ -305,13 +364,24 @@ def test_refusals_name_the_file(tmp_path):
   model = random_llama()
   state = {k: v.numpy() for k, v in model.state_dict().items()}
   from safetensors.numpy import save_file
+
   for name, tensors, message in [
-      ('missing', {k: v for k, v in state.items() if 'layers.1.mlp.up' not in k},
-       'tensor model.layers.1.mlp.up_proj.weight is missing'),
-      ('bias', {**state, 'model.layers.0.self_attn.q_proj.bias': np.zeros(64, np.float32)},
-       'q_proj.bias .model.safetensors. has no place in k2jax'),
-      ('shape', {**state, 'lm_head.weight': np.zeros((64, 64), np.float32)},
-       r'lm_head.weight has shape \(64, 64\), expected \(128, 64\)')]:
+    (
+      'missing',
+      {k: v for k, v in state.items() if 'layers.1.mlp.up' not in k},
+      'tensor model.layers.1.mlp.up_proj.weight is missing',
+    ),
+    (
+      'bias',
+      {**state, 'model.layers.0.self_attn.q_proj.bias': np.zeros(64, np.float32)},
+      'q_proj.bias .model.safetensors. has no place in k2jax',
+    ),
+    (
+      'shape',
+      {**state, 'lm_head.weight': np.zeros((64, 64), np.float32)},
+      r'lm_head.weight has shape \(64, 64\), expected \(128, 64\)',
+    ),
+  ]:
     folder = str(tmp_path / name)
     write_config(folder)
     save_file(tensors, os.path.join(folder, 'model.safetensors'), metadata={'format': 'pt'})
@@ -330,23 +400,33 @@ def test_refusals_name_the_file(tmp_path):
 def test_from_hf_checks_the_stage_config(tmp_path):
   hf_dir = str(tmp_path / 'hf')
   random_llama().save_pretrained(hf_dir, safe_serialization=True)
-  with pytest.raises(ValueError, match='model.vocab_size is 128 but --config=.*sft.py:debug '
-                                       'has 2048'):
-    convert.from_hf(hf_dir, str(tmp_path / 'out'),
-                    config=os.path.join(REPO, 'configs/sft.py:debug'), log=quiet)
+  with pytest.raises(
+    ValueError, match='model.vocab_size is 128 but --config=.*sft.py:debug has 2048'
+  ):
+    convert.from_hf(
+      hf_dir, str(tmp_path / 'out'), config=os.path.join(REPO, 'configs/sft.py:debug'), log=quiet
+    )
 
 
 def test_cli_errors_are_one_line_with_exit_2(tmp_path):
   write_config(str(tmp_path / 'hf'))
   (tmp_path / 'hf' / 'pytorch_model.bin').write_bytes(b'x')
   for args, message in [
-      (['from-hf', f'--hf={tmp_path / "hf"}', f'--out={tmp_path / "out"}'],
-       f'error: {tmp_path / "hf"} holds only PyTorch pickle weights'),
-      (['to-hf', '--checkpoint=x'], 'error: the following arguments are required: --out')]:
-    result = subprocess.run([sys.executable, '-m', 'k2jax.convert', *args], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+    (
+      ['from-hf', f'--hf={tmp_path / "hf"}', f'--out={tmp_path / "out"}'],
+      f'error: {tmp_path / "hf"} holds only PyTorch pickle weights',
+    ),
+    (['to-hf', '--checkpoint=x'], 'error: the following arguments are required: --out'),
+  ]:
+    result = subprocess.run(
+      [sys.executable, '-m', 'k2jax.convert', *args],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=120,
+    )
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith(message) and result.stderr.count('\n') == 1, result.stderr
-  assert convert.parse_size('5GB') == 5e9 and convert.parse_size('1.5 MiB') == 1.5 * 2 ** 20
+  assert convert.parse_size('5GB') == 5e9 and convert.parse_size('1.5 MiB') == 1.5 * 2**20
   with pytest.raises(ValueError, match='--shard_size=big: expected a positive size'):
     convert.parse_size('big')

@@ -21,9 +21,16 @@ EVAL_PATH = os.path.join(DEMO_DIR, 'eval.jsonl')
 
 
 def make_cfg(**overrides) -> ml_collections.ConfigDict:
-  fields = dict(seq_len=32, global_batch_size=4, train_files=TRAIN_PATH,
-                eval_files=EVAL_PATH, tokenizer=TOKENIZER_PATH, text_field='text',
-                worker_count=0, packing='concat')
+  fields = dict(
+    seq_len=32,
+    global_batch_size=4,
+    train_files=TRAIN_PATH,
+    eval_files=EVAL_PATH,
+    tokenizer=TOKENIZER_PATH,
+    text_field='text',
+    worker_count=0,
+    packing='concat',
+  )
   return ml_collections.ConfigDict({**fields, **overrides})
 
 
@@ -57,6 +64,7 @@ def tokenizer():
 
 # --- demo corpus -------------------------------------------------------------
 
+
 def test_generator_reproduces_committed_files(tmp_path):
   demo_corpus.write_corpus(str(tmp_path))
   for name in ('train.jsonl', 'eval.jsonl'):
@@ -68,8 +76,7 @@ def test_corpus_schema_and_size():
   with open(TRAIN_PATH) as f:
     records = [json.loads(line) for line in f]
   assert 2000 <= len(records) <= 4000
-  assert all(isinstance(r['text'], str) and isinstance(r['meta']['source'], str)
-             for r in records)
+  assert all(isinstance(r['text'], str) and isinstance(r['meta']['source'], str) for r in records)
   train_bytes, eval_bytes = os.path.getsize(TRAIN_PATH), os.path.getsize(EVAL_PATH)
   assert 1_000_000 <= train_bytes <= 2_500_000
   assert 0.02 < eval_bytes / train_bytes < 0.10
@@ -83,6 +90,7 @@ def test_tokenizer_retrains_to_committed_model(tmp_path):
 
 
 # --- tokenizer -----------------------------------------------------------------
+
 
 def test_tokenizer_ids(tokenizer):
   assert tokenizer.vocab_size == 2048
@@ -123,10 +131,10 @@ def test_tokenizer_file_errors(tmp_path):
 
 # --- pipeline ----------------------------------------------------------------
 
+
 def test_batch_shapes_and_dtypes():
   batch = next(pipeline.build(make_cfg(), seed=0, split='train'))
-  assert set(batch) == {'inputs', 'targets', 'positions', 'segment_ids', 'loss_mask',
-                        'source_ids'}
+  assert set(batch) == {'inputs', 'targets', 'positions', 'segment_ids', 'loss_mask', 'source_ids'}
   for key, array in batch.items():
     assert array.shape == (4, 32), key
   assert batch['inputs'].dtype == batch['targets'].dtype == np.int32
@@ -145,14 +153,14 @@ def test_eval_stream_is_documents_joined_with_eod(tokenizer):
   for batch in batches:
     np.testing.assert_array_equal(batch['targets'][:, :-1], batch['inputs'][:, 1:])
   stream = stream_tokens(batches)
-  assert stream == expected[:len(stream)]
+  assert stream == expected[: len(stream)]
 
 
 def test_eval_stream_wraps_around_endlessly(tmp_path, tokenizer):
   path = write_jsonl(tmp_path / 'tiny.jsonl', [json.dumps({'text': 'ab'})])
   batch = next(pipeline.build(make_cfg(eval_files=path), seed=0, split='eval'))
   epoch = tokenizer.encode('ab') + [tokenizer.eos_id]
-  assert list(batch['inputs'][0][:2 * len(epoch)]) == epoch * 2
+  assert list(batch['inputs'][0][: 2 * len(epoch)]) == epoch * 2
 
 
 def test_same_seed_same_batches_different_seed_differs():
@@ -167,8 +175,10 @@ def test_same_seed_same_batches_different_seed_differs():
 
 def _numbers_seen(cfg, split, process_index, tokenizer, n_batches=6):
   """The document numbers a process reads in its first batches."""
-  batches = take(pipeline.build(cfg, seed=0, split=split, process_index=process_index,
-                                process_count=2), n_batches)
+  batches = take(
+    pipeline.build(cfg, seed=0, split=split, process_index=process_index, process_count=2),
+    n_batches,
+  )
   assert batches[0]['inputs'].shape == (2, 32)  # global 4 over 2 processes
   if cfg.packing == 'concat':
     text = tokenizer.decode(stream_tokens(batches))
@@ -180,8 +190,9 @@ def _numbers_seen(cfg, split, process_index, tokenizer, n_batches=6):
 @pytest.mark.parametrize('packing', ['concat', 'document', 'best_fit'])
 @pytest.mark.parametrize('split', ['train', 'eval'])
 def test_processes_read_disjoint_documents(tmp_path, tokenizer, split, packing):
-  path = write_jsonl(tmp_path / 'docs.jsonl',
-                     [json.dumps({'text': f'doc {i} is here.'}) for i in range(20)])
+  path = write_jsonl(
+    tmp_path / 'docs.jsonl', [json.dumps({'text': f'doc {i} is here.'}) for i in range(20)]
+  )
   cfg = make_cfg(train_files=path, eval_files=path, packing=packing, pack_buffer=8)
   seen = [_numbers_seen(cfg, split, index, tokenizer) for index in (0, 1)]
   assert seen[0] and seen[1] and not seen[0] & seen[1]
@@ -189,8 +200,9 @@ def test_processes_read_disjoint_documents(tmp_path, tokenizer, split, packing):
 
 
 def test_train_epochs_are_reshuffled(tmp_path, tokenizer):
-  path = write_jsonl(tmp_path / 'docs.jsonl',
-                     [json.dumps({'text': f'doc {i} '}) for i in range(10)])
+  path = write_jsonl(
+    tmp_path / 'docs.jsonl', [json.dumps({'text': f'doc {i} '}) for i in range(10)]
+  )
   batches = take(pipeline.build(make_cfg(train_files=path), seed=0, split='train'), 4)
   text = tokenizer.decode(stream_tokens(batches))
   order = re.findall(r'doc (\d+) ', text)
@@ -226,8 +238,11 @@ def eval_docs(tokenizer):
 
 def doc_pieces(docs, seq_len, repeats=3):
   """(tokens, first position) of every row-sized piece of `docs`, repeated, in stream order."""
-  return [(tuple(doc[start:start + seq_len]), start)
-          for doc in docs * repeats for start in range(0, len(doc), seq_len)]
+  return [
+    (tuple(doc[start : start + seq_len]), start)
+    for doc in docs * repeats
+    for start in range(0, len(doc), seq_len)
+  ]
 
 
 def check_row_layout(batch, pad_id, seq_len):
@@ -239,8 +254,8 @@ def check_row_layout(batch, pad_id, seq_len):
   """
   rows = []
   for inputs, targets, positions, segments, loss in zip(
-      batch['inputs'], batch['targets'], batch['positions'], batch['segment_ids'],
-      batch['loss_mask']):
+    batch['inputs'], batch['targets'], batch['positions'], batch['segment_ids'], batch['loss_mask']
+  ):
     used = int((segments > 0).sum())
     assert (segments[used:] == 0).all(), 'padding only at the end of a row'
     assert segments[0] == 1 and set(np.diff(segments[:used])) <= {0, 1}
@@ -272,20 +287,20 @@ def test_packed_rows_hold_every_document_token_once(eval_docs, mode):
   observed = [piece for row in rows for piece in row]
   if mode == 'document':
     # Stream order: gluing continued pieces back gives the documents, in file order.
-    assert observed == expected[:len(observed)]
+    assert observed == expected[: len(observed)]
     docs = []
     for tokens, start in observed:
       if start:
         docs[-1] += tokens
       else:
         docs.append(tokens)
-    assert [list(d) for d in docs[:-1]] == (eval_docs * 3)[:len(docs) - 1]
+    assert [list(d) for d in docs[:-1]] == (eval_docs * 3)[: len(docs) - 1]
     # Greedy: a row is closed only when the next piece does not fit in it.
     for row, next_row in itertools.pairwise(rows):
       assert sum(len(t) for t, _ in row) + len(next_row[0][0]) > seq_len
   else:
     # Each window of pack_buffer pieces fills whole rows: same pieces, any order.
-    windows = [expected[i:i + pack_buffer] for i in range(0, len(expected), pack_buffer)]
+    windows = [expected[i : i + pack_buffer] for i in range(0, len(expected), pack_buffer)]
     in_window = collections.Counter()
     for row in rows:
       in_window.update(row)
@@ -306,15 +321,26 @@ def test_packed_rows_hold_every_document_token_once(eval_docs, mode):
 def _pack_by_hand(mode, pack_buffer=7):
   """Rows packed from documents of 3, 5, 4, 10, 2 and 6 tokens (repeated) into rows of 8."""
   lengths = [3, 5, 4, 10, 2, 6]
-  docs = [{'tokens': np.arange(100 * d, 100 * d + n, dtype=np.int32),
-           'target_mask': np.ones(n, bool), 'source': np.full(n, d, np.int32)}
-          for d, n in enumerate(lengths, start=1)]
+  docs = [
+    {
+      'tokens': np.arange(100 * d, 100 * d + n, dtype=np.int32),
+      'target_mask': np.ones(n, bool),
+      'source': np.full(n, d, np.int32),
+    }
+    for d, n in enumerate(lengths, start=1)
+  ]
   stream = grain.MapDataset.source(docs).repeat().to_iter_dataset()
-  batches = iter(packing.PackedBatchIterDataset(
-      stream, mode=mode, seq_len=8, batch_size=5, pad_id=0, pack_buffer=pack_buffer, seed=0))
+  batches = iter(
+    packing.PackedBatchIterDataset(
+      stream, mode=mode, seq_len=8, batch_size=5, pad_id=0, pack_buffer=pack_buffer, seed=0
+    )
+  )
   rows = check_row_layout(next(batches), 0, 8)
-  named = {(tuple(doc['tokens'][start:start + 8]), start): f'd{d}' + ('+' if start else '')
-           for d, doc in enumerate(docs, start=1) for start in (0, 8)}
+  named = {
+    (tuple(doc['tokens'][start : start + 8]), start): f'd{d}' + ('+' if start else '')
+    for d, doc in enumerate(docs, start=1)
+    for start in (0, 8)
+  }
   return [[named[piece] for piece in row] for row in rows], batches.stats
 
 
@@ -327,11 +353,19 @@ def test_document_packing_by_hand():
 
 def test_packed_loss_mask_follows_the_targets_mask():
   # A chat-like sample: only the last three tokens are targets (the answer).
-  doc = {'tokens': np.arange(10, 16, dtype=np.int32),
-         'target_mask': np.array([0, 0, 0, 1, 1, 1], bool), 'source': np.full(6, 2, np.int32)}
+  doc = {
+    'tokens': np.arange(10, 16, dtype=np.int32),
+    'target_mask': np.array([0, 0, 0, 1, 1, 1], bool),
+    'source': np.full(6, 2, np.int32),
+  }
   stream = grain.MapDataset.source([doc]).repeat().to_iter_dataset()
-  batch = next(iter(packing.PackedBatchIterDataset(
-      stream, mode='document', seq_len=8, batch_size=1, pad_id=0, pack_buffer=1, seed=0)))
+  batch = next(
+    iter(
+      packing.PackedBatchIterDataset(
+        stream, mode='document', seq_len=8, batch_size=1, pad_id=0, pack_buffer=1, seed=0
+      )
+    )
+  )
   # Position i is trained when its target, token i + 1, is: positions 2, 3, 4.
   np.testing.assert_array_equal(batch['loss_mask'][0], [0, 0, 1, 1, 1, 0, 0, 0])
   np.testing.assert_array_equal(batch['source_ids'][0], [2] * 6 + [-1] * 2)
@@ -352,7 +386,7 @@ def test_best_fit_rows_are_best_fit_decreasing():
   assert sorted(i for row in rows for i in row) == list(range(300))
   for r, row in enumerate(rows):
     assert row == sorted(row) and sum(lengths[row]) <= 100
-    later = [lengths[i] for other in rows[r + 1:] for i in other]
+    later = [lengths[i] for other in rows[r + 1 :] for i in other]
     if later:  # closed only when nothing left fits; opened with the largest left
       assert min(later) > 100 - sum(lengths[row])
       assert max(lengths[row]) >= max(later)
@@ -397,13 +431,17 @@ def test_packed_batches_are_deterministic_and_restorable(mode):
 
 # --- bad inputs ----------------------------------------------------------------
 
-@pytest.mark.parametrize('overrides, process_count, message', [
+
+@pytest.mark.parametrize(
+  'overrides, process_count, message',
+  [
     (dict(seq_len=0), 1, 'seq_len'),
     (dict(seq_len=8.5), 1, 'seq_len'),
     (dict(global_batch_size=-4), 1, 'global_batch_size'),
     (dict(global_batch_size=6), 4, 'not divisible by process_count 4'),
     (dict(packing='best_fit', pack_buffer=-1), 1, 'pack_buffer'),
-])
+  ],
+)
 def test_bad_config_values(overrides, process_count, message):
   with pytest.raises(ValueError, match=message):
     pipeline.build(make_cfg(**overrides), seed=0, split='train', process_count=process_count)
@@ -417,8 +455,11 @@ def test_bad_split_and_process_index():
 
 
 def test_unknown_packing_mode_is_refused():
-  with pytest.raises(ValueError, match=r"data.packing must be one of concat\|document\|best_fit, "
-                                       r"got 'bestfit'"):
+  with pytest.raises(
+    ValueError,
+    match=r'data.packing must be one of concat\|document\|best_fit, '
+    r"got 'bestfit'",
+  ):
     pipeline.build(make_cfg(packing='bestfit'), seed=0, split='train')
 
 

@@ -8,7 +8,8 @@ import sys
 import jax
 import pytest
 
-from k2jax import estimate, model_config, run_config
+from k2jax import estimate, run_config
+from k2jax.model import config as model_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA, TENSOR = 8, 8
@@ -28,11 +29,19 @@ def plan_70b():
   """One AOT plan of the full 70B train step, in a subprocess that simulates 64 devices."""
   env = dict(os.environ)
   # Drop this process's 8-device flag (conftest): the tool must set 64 itself via --devices.
-  env['XLA_FLAGS'] = ' '.join(f for f in env.get('XLA_FLAGS', '').split()
-                              if not f.startswith(estimate.DEVICE_COUNT_FLAG))
-  command = [sys.executable, '-m', 'k2jax.estimate', '--config=configs/pretrain.py',
-             '--devices=64', f'--mesh=data:{DATA},tensor:{TENSOR},sequence:1',
-             f'--config.data.global_batch_size={GLOBAL_BATCH}', '--output=json']
+  env['XLA_FLAGS'] = ' '.join(
+    f for f in env.get('XLA_FLAGS', '').split() if not f.startswith(estimate.DEVICE_COUNT_FLAG)
+  )
+  command = [
+    sys.executable,
+    '-m',
+    'k2jax.estimate',
+    '--config=configs/pretrain.py',
+    '--devices=64',
+    f'--mesh=data:{DATA},tensor:{TENSOR},sequence:1',
+    f'--config.data.global_batch_size={GLOBAL_BATCH}',
+    '--output=json',
+  ]
   done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   return json.loads(done.stdout)
@@ -58,8 +67,9 @@ def test_70b_compiled_memory(plan_70b):
   assert memory['alias'] >= 0.99 * memory['output']
   # The compiler's argument bytes are the analytic state plus this device's batch slice.
   state = plan_70b['state_bytes_per_device']
-  assert memory['argument'] == pytest.approx(state['total'] + plan_70b['batch_bytes_per_device'],
-                                             rel=1e-3)
+  assert memory['argument'] == pytest.approx(
+    state['total'] + plan_70b['batch_bytes_per_device'], rel=1e-3
+  )
 
 
 def test_70b_state_bytes_follow_the_shardings(plan_70b):
@@ -112,8 +122,12 @@ def test_mesh_that_does_not_match_the_devices(capsys, in_repo):
 def test_dimension_not_divisible_by_its_axis(capsys, in_repo):
   if jax.device_count() % 2:
     pytest.skip('needs an even number of devices for a tensor axis of 2')
-  code, err = run_main(capsys, '--mesh=data:-1,tensor:2', '--config.model.vocab_size=250001',
-                       f'--config.data.global_batch_size={jax.device_count() // 2}')
+  code, err = run_main(
+    capsys,
+    '--mesh=data:-1,tensor:2',
+    '--config.model.vocab_size=250001',
+    f'--config.data.global_batch_size={jax.device_count() // 2}',
+  )
   assert code == 2
   line = one_line_error(err)
   assert 'vocab=250001' in line and "mesh axis 'tensor' of size 2" in line
@@ -125,10 +139,13 @@ def test_misspelt_override(capsys, in_repo):
   assert 'did you mean: optim.peak_lr' in one_line_error(err)
 
 
-@pytest.mark.parametrize('spec, message', [
+@pytest.mark.parametrize(
+  'spec, message',
+  [
     ('configs/nope.py', "config file 'configs/nope.py' does not exist"),
     ('configs/pretrain.py:bogus', 'unknown config argument(s) bogus'),
-])
+  ],
+)
 def test_config_that_does_not_load(capsys, in_repo, spec, message):
   with pytest.raises(SystemExit) as exit_info:
     estimate.main(['estimate', f'--config={spec}'])
@@ -136,11 +153,14 @@ def test_config_that_does_not_load(capsys, in_repo, spec, message):
   assert message in one_line_error(capsys.readouterr().err)
 
 
-@pytest.mark.parametrize('mesh, message', [
+@pytest.mark.parametrize(
+  'mesh, message',
+  [
     ('data:8,tensr:8', "'tensr:8' is not AXIS:SIZE"),
     ('data:8,tensor:x', "size of 'tensor' must be an integer"),
     ('data:8,data:4', "axis 'data' is given twice"),
-])
+  ],
+)
 def test_bad_mesh_flag(capsys, in_repo, mesh, message):
   code, err = run_main(capsys, f'--mesh={mesh}')
   assert code == 2
@@ -156,5 +176,8 @@ def test_devices_after_jax_started(capsys, in_repo):
 
 def test_parse_mesh():
   assert run_config.parse_mesh('data:8, tensor:8,sequence:1') == {
-      'data': 8, 'tensor': 8, 'sequence': 1}
+    'data': 8,
+    'tensor': 8,
+    'sequence': 1,
+  }
   assert run_config.parse_mesh('tensor:-1') == {'tensor': -1}

@@ -10,10 +10,11 @@ import pytest
 
 from data_pipeline import pipeline
 from data_pipeline.tokenizer import load_tokenizer
-from k2jax import evaluate, train_step
+from k2jax import evaluate
 from k2jax import generate as gen
 from k2jax import lm_eval_adapter as lme
-from k2jax.model import Transformer
+from k2jax.model.transformer import Transformer
+from k2jax.training import train_step
 from tests.conftest import REPO
 from tests.test_generate import make_checkpoint, random_params, run_cli
 from tests.test_model import TINY
@@ -51,16 +52,29 @@ def test_evaluate_equals_the_training_loss(workdir, capsys):
   np.testing.assert_allclose(result['perplexity'], np.exp(total / count), rtol=1e-6)
 
   # The command line, in-process: one line with tokens, loss and perplexity.
-  evaluate.main([f'--checkpoint={workdir}', f'--data={EVAL_FILE}', '--batches=3',
-                 '--seq_len=32', '--batch_size=8', '--mesh=data:4,tensor:2'])
+  evaluate.main(
+    [
+      f'--checkpoint={workdir}',
+      f'--data={EVAL_FILE}',
+      '--batches=3',
+      '--seq_len=32',
+      '--batch_size=8',
+      '--mesh=data:4,tensor:2',
+    ]
+  )
   line = capsys.readouterr().out
   assert f'{3 * 8 * 32:,} tokens evaluated' in line, line
   assert f'perplexity {result["perplexity"]:.3f}' in line, line
 
 
 def test_evaluate_cli_json_and_errors(workdir):
-  result = run_cli('k2jax.evaluate', f'--checkpoint={workdir}', f'--data={EVAL_FILE}',
-                   '--batches=1', '--output=json')
+  result = run_cli(
+    'k2jax.evaluate',
+    f'--checkpoint={workdir}',
+    f'--data={EVAL_FILE}',
+    '--batches=1',
+    '--output=json',
+  )
   assert result.returncode == 0, result.stderr
   out = json.loads(result.stdout)
   assert out['tokens'] == 8 * 64 and out['batch_size'] == 8 and out['seq_len'] == 64
@@ -79,8 +93,8 @@ def direct_logits(inputs):
   """Logits of one unpadded row, computed right-padded to 32 tokens (a single compile):
   causal attention keeps the padding out of the earlier positions."""
   tokens = np.zeros((1, 32), np.int32)
-  tokens[0, :len(inputs)] = inputs
-  return np.asarray(_FORWARD(PARAMS, tokens)[0, :len(inputs)])
+  tokens[0, : len(inputs)] = inputs
+  return np.asarray(_FORWARD(PARAMS, tokens)[0, : len(inputs)])
 
 
 def direct_logprobs(ids):
@@ -90,25 +104,28 @@ def direct_logprobs(ids):
   return logp[np.arange(len(ids) - 1), ids[1:]], logits
 
 
-REQUESTS = [('The cat sat on the', ' mat.'), ('Once upon a time ', 'there was'),
-            ('', 'Hello world'), ('a b c d e f g h i j k l m n o p', ' q r s')]
+REQUESTS = [
+  ('The cat sat on the', ' mat.'),
+  ('Once upon a time ', 'there was'),
+  ('', 'Hello world'),
+  ('a b c d e f g h i j k l m n o p', ' q r s'),
+]
 
 
 def test_loglikelihood_is_the_sum_of_token_logprobs():
-  got = lme.loglikelihood(PARAMS, CFG, TOKENIZER, REQUESTS, max_length=MAX_LENGTH,
-                          batch_size=4)
+  got = lme.loglikelihood(PARAMS, CFG, TOKENIZER, REQUESTS, max_length=MAX_LENGTH, batch_size=4)
   for (context, continuation), (logp, greedy) in zip(REQUESTS, got):
     if context.endswith(' '):  # the space belongs to the continuation's first word
       context, continuation = context[:-1], ' ' + continuation
     if context:
       ctx = TOKENIZER.encode(context)
-      cont = TOKENIZER.encode(context + continuation)[len(ctx):]
+      cont = TOKENIZER.encode(context + continuation)[len(ctx) :]
     else:
       ctx, cont = [TOKENIZER.eos_id], TOKENIZER.encode(continuation)
-    ids = (ctx + cont)[-(MAX_LENGTH + 1):]  # truncated on the left to the window
+    ids = (ctx + cont)[-(MAX_LENGTH + 1) :]  # truncated on the left to the window
     token_logp, logits = direct_logprobs(ids)
-    np.testing.assert_allclose(logp, token_logp[-len(cont):].sum(), rtol=1e-5)
-    assert greedy == bool(np.all(logits.argmax(-1)[-len(cont):] == ids[-len(cont):]))
+    np.testing.assert_allclose(logp, token_logp[-len(cont) :].sum(), rtol=1e-5)
+    assert greedy == bool(np.all(logits.argmax(-1)[-len(cont) :] == ids[-len(cont) :]))
   assert len(TOKENIZER.encode(REQUESTS[3][0] + REQUESTS[3][1])) > MAX_LENGTH + 1
 
   # is_greedy: the model's own greedy continuation is, one changed token is not.
@@ -117,32 +134,36 @@ def test_loglikelihood_is_the_sum_of_token_logprobs():
   for _ in range(4):
     greedy_ids.append(int(direct_logits(context + greedy_ids)[-1].argmax()))
   changed = greedy_ids[:-1] + [(greedy_ids[-1] + 1) % CFG.vocab_size]
-  (_, yes), (_, no) = lme.score_pairs(PARAMS, CFG, [(context, greedy_ids), (context, changed)],
-                                      max_length=MAX_LENGTH, batch_size=4)
+  (_, yes), (_, no) = lme.score_pairs(
+    PARAMS, CFG, [(context, greedy_ids), (context, changed)], max_length=MAX_LENGTH, batch_size=4
+  )
   assert yes and not no
 
 
 def test_rolling_loglikelihood_over_a_long_text():
-  text = ('It was the best of times, it was the worst of times, it was the age of wisdom, '
-          'it was the age of foolishness.')
+  text = (
+    'It was the best of times, it was the worst of times, it was the age of wisdom, '
+    'it was the age of foolishness.'
+  )
   tokens = TOKENIZER.encode(text)
   n, window, prefix = len(tokens), 8, TOKENIZER.eos_id
   assert n > 2 * window + 1
   # Every token predicted once: [prefix] + t[:7] -> t[:8]; t[7:15] -> t[8:16]; ...; the
   # last window keeps a full 8-token input and scores only the tokens still unpredicted.
-  expected_windows, start = [([prefix] + tokens[:window - 1], 0)], window
+  expected_windows, start = [([prefix] + tokens[: window - 1], 0)], window
   while start < n:
     end = min(start + window, n)
-    expected_windows.append((tokens[end - 1 - window:end - 1], start))
+    expected_windows.append((tokens[end - 1 - window : end - 1], start))
     start = end
   expected = 0.0
   for inputs, first in expected_windows:
-    targets = tokens[first:first + window]
+    targets = tokens[first : first + window]
     full = np.asarray(jax.nn.log_softmax(direct_logits(inputs)))
-    scored = full[len(inputs) - len(targets):]
+    scored = full[len(inputs) - len(targets) :]
     expected += float(scored[np.arange(len(targets)), targets].sum())
-  got = lme.loglikelihood_rolling(PARAMS, CFG, TOKENIZER, [text, 'Short.'], max_length=window,
-                                  batch_size=4)
+  got = lme.loglikelihood_rolling(
+    PARAMS, CFG, TOKENIZER, [text, 'Short.'], max_length=window, batch_size=4
+  )
   np.testing.assert_allclose(got[0], expected, rtol=1e-5)
   short = [prefix] + TOKENIZER.encode('Short.')
   np.testing.assert_allclose(got[1], direct_logprobs(short)[0].sum(), rtol=1e-5)
@@ -150,25 +171,32 @@ def test_rolling_loglikelihood_over_a_long_text():
   predicted = [t for _, cont in lme.rolling_windows(tokens, prefix, window) for t in cont]
   assert predicted == tokens
   lm_utils = pytest.importorskip('lm_eval.utils')  # lm-eval's own windows agree
-  theirs = [lm_utils.make_disjoint_window(w) for w in
-            lm_utils.get_rolling_token_windows(tokens, prefix, window, 1)]
+  theirs = [
+    lm_utils.make_disjoint_window(w)
+    for w in lm_utils.get_rolling_token_windows(tokens, prefix, window, 1)
+  ]
   assert [tuple(map(list, w)) for w in theirs] == lme.rolling_windows(tokens, prefix, window)
 
 
 def test_generate_until_stops_at_the_until_strings():
   contexts = ['The cat sat', 'Once upon a time there was a']
   # The same shapes as generate_until's below (2 rows, prompts padded to 16): one compile.
-  full = [TOKENIZER.decode(ids) for ids in gen.generate(
-      PARAMS, CFG, [TOKENIZER.encode(c) for c in contexts], max_new_tokens=10,
-      pad_multiple=16)]
+  full = [
+    TOKENIZER.decode(ids)
+    for ids in gen.generate(
+      PARAMS, CFG, [TOKENIZER.encode(c) for c in contexts], max_new_tokens=10, pad_multiple=16
+    )
+  ]
   # A multi-character stop string taken from inside the first completion, and one that never
   # appears; then a single-token stop ('\n' is one piece), which also ends the row early.
   stop = full[0][3:6]
-  requests = [(contexts[0], {'until': [stop, 'never'], 'max_gen_toks': 10}),
-              (contexts[1], {'until': ['never'], 'max_gen_toks': 10}),
-              (contexts[1], {'until': '\n', 'max_gen_toks': 10})]
+  requests = [
+    (contexts[0], {'until': [stop, 'never'], 'max_gen_toks': 10}),
+    (contexts[1], {'until': ['never'], 'max_gen_toks': 10}),
+    (contexts[1], {'until': '\n', 'max_gen_toks': 10}),
+  ]
   got = lme.generate_until(PARAMS, CFG, TOKENIZER, requests, max_length=26, batch_size=2)
-  assert got[0] == full[0][:full[0].index(stop)] and len(got[0]) < len(full[0])
+  assert got[0] == full[0][: full[0].index(stop)] and len(got[0]) < len(full[0])
   assert got[1] == full[1]
   assert got[2] == full[1].split('\n')[0]
 
@@ -177,19 +205,24 @@ def test_lm_eval_model_class():
   pytest.importorskip('lm_eval')
   from lm_eval.api.instance import Instance
   from lm_eval.api.registry import get_model
+
   assert get_model('k2jax') is lme.K2JaxLM
-  lm = lme.K2JaxLM(params=PARAMS, model_cfg=CFG, tokenizer=TOKENIZER, max_length=MAX_LENGTH,
-                   batch_size='4')
+  lm = lme.K2JaxLM(
+    params=PARAMS, model_cfg=CFG, tokenizer=TOKENIZER, max_length=MAX_LENGTH, batch_size='4'
+  )
 
   def instances(kind, args):
     return [Instance(kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
 
   settings = dict(max_length=MAX_LENGTH, batch_size=4)
   assert lm.loglikelihood(instances('loglikelihood', REQUESTS)) == lme.loglikelihood(
-      PARAMS, CFG, TOKENIZER, REQUESTS, **settings)
+    PARAMS, CFG, TOKENIZER, REQUESTS, **settings
+  )
   texts = ['A short text.', 'A longer text that needs more than one window of sixteen tokens.']
-  assert lm.loglikelihood_rolling(instances('loglikelihood_rolling', [(t,) for t in texts])) \
-      == lme.loglikelihood_rolling(PARAMS, CFG, TOKENIZER, texts, **settings)
+  assert lm.loglikelihood_rolling(
+    instances('loglikelihood_rolling', [(t,) for t in texts])
+  ) == lme.loglikelihood_rolling(PARAMS, CFG, TOKENIZER, texts, **settings)
   gen_args = [('The cat sat', {'until': ['\n'], 'max_gen_toks': 4})]
   assert lm.generate_until(instances('generate_until', gen_args)) == lme.generate_until(
-      PARAMS, CFG, TOKENIZER, gen_args, **settings)
+    PARAMS, CFG, TOKENIZER, gen_args, **settings
+  )

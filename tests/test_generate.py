@@ -13,13 +13,17 @@ import numpy as np
 import pytest
 
 from k2jax import generate as gen
-from k2jax import sharding, train_step
-from k2jax.model import Transformer, init_cache
+from k2jax.model.transformer import Transformer, init_cache
+from k2jax.parallel import sharding
+from k2jax.training import train_step
 from tests.conftest import REPO
 from tests.test_model import TINY, hf_to_params
 
-PROMPTS = [[5, 17, 3, 99, 42], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17],
-           [100, 2, 64, 31, 77, 4, 9, 120]]
+PROMPTS = [
+  [5, 17, 3, 99, 42],
+  [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17],
+  [100, 2, 64, 31, 77, 4, 9, 120],
+]
 EOS = 1
 NEW = 8  # one setting for every library test: the compiled loops are shared
 
@@ -38,13 +42,24 @@ def hf_model(cfg, seed=0):
   torch = pytest.importorskip('torch')
   transformers = pytest.importorskip('transformers')
   hf_config = transformers.LlamaConfig(
-      vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-      intermediate_size=cfg.ffn_size, num_hidden_layers=cfg.num_layers,
-      num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-      head_dim=cfg.head_dim, rope_theta=cfg.rope_base, rms_norm_eps=cfg.norm_eps,
-      tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
-      max_position_embeddings=256, initializer_range=0.1, bos_token_id=0, eos_token_id=EOS,
-      pad_token_id=0)
+    vocab_size=cfg.vocab_size,
+    hidden_size=cfg.hidden_size,
+    intermediate_size=cfg.ffn_size,
+    num_hidden_layers=cfg.num_layers,
+    num_attention_heads=cfg.num_heads,
+    num_key_value_heads=cfg.num_kv_heads,
+    head_dim=cfg.head_dim,
+    rope_theta=cfg.rope_base,
+    rms_norm_eps=cfg.norm_eps,
+    tie_word_embeddings=False,
+    attention_bias=False,
+    mlp_bias=False,
+    max_position_embeddings=256,
+    initializer_range=0.1,
+    bos_token_id=0,
+    eos_token_id=EOS,
+    pad_token_id=0,
+  )
   torch.manual_seed(seed)
   return transformers.LlamaForCausalLM(hf_config).eval()
 
@@ -58,19 +73,24 @@ def test_greedy_matches_hf_generate():
   ids = torch.zeros((len(PROMPTS), length), dtype=torch.long)
   mask = torch.zeros_like(ids)
   for i, p in enumerate(PROMPTS):
-    ids[i, length - len(p):] = torch.tensor(p)
-    mask[i, length - len(p):] = 1
+    ids[i, length - len(p) :] = torch.tensor(p)
+    mask[i, length - len(p) :] = 1
   with torch.no_grad():
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
-                         eos_token_id=EOS, pad_token_id=0)
+    out = model.generate(
+      ids,
+      attention_mask=mask,
+      max_new_tokens=NEW,
+      do_sample=False,
+      eos_token_id=EOS,
+      pad_token_id=0,
+    )
   expected = []
   for row in out[:, length:].tolist():
     end = row.index(EOS) + 1 if EOS in row else len(row)
     expected.append(row[:end])
   assert any(len(set(row)) > 3 for row in expected)  # not a degenerate repetition
   for padding in ('left', 'right'):
-    got = gen.generate(params, TINY, PROMPTS, max_new_tokens=NEW, stop_ids=(EOS,),
-                       padding=padding)
+    got = gen.generate(params, TINY, PROMPTS, max_new_tokens=NEW, stop_ids=(EOS,), padding=padding)
     assert got == expected, padding
 
 
@@ -87,17 +107,17 @@ def test_kv_cache_logits_equal_full_recomputation():
   last = []
   for i, p in enumerate(prompts):
     start = length - len(p) if i < len(PROMPTS) else 0
-    tokens[i, start:start + len(p)] = p
-    segments[i, start:start + len(p)] = 1
-    positions[i, start:start + len(p)] = np.arange(len(p))
+    tokens[i, start : start + len(p)] = p
+    segments[i, start : start + len(p)] = 1
+    positions[i, start : start + len(p)] = np.arange(len(p))
     last.append(start + len(p) - 1)
   # The reference: each whole row in one causal pass, right-padded (segment 0 on padding).
   full_length = length + steps
   full = np.zeros((len(rows), full_length), np.int32)
   full_segments = np.zeros_like(full)
   for i, row in enumerate(rows):
-    full[i, :len(row)] = row
-    full_segments[i, :len(row)] = 1
+    full[i, : len(row)] = row
+    full_segments[i, : len(row)] = 1
   reference = np.asarray(apply({'params': params}, full, None, full_segments))
 
   cache = init_cache(TINY, len(rows), length + steps)
@@ -122,8 +142,9 @@ def test_sampling_is_seeded_and_respects_top_p():
   again = gen.generate(params, TINY, PROMPTS, temperature=1.0, top_p=0.9, seed=3, **kwargs)
   other = gen.generate(params, TINY, PROMPTS, temperature=1.0, top_p=0.9, seed=4, **kwargs)
   assert first == again and first != other and first != greedy
-  assert gen.generate(params, TINY, PROMPTS, temperature=1.0, top_p=1e-6, seed=3,
-                      **kwargs) == greedy
+  assert (
+    gen.generate(params, TINY, PROMPTS, temperature=1.0, top_p=1e-6, seed=3, **kwargs) == greedy
+  )
 
   # Every draw lies in the nucleus: the fewest top tokens whose mass reaches top_p.
   logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, 50)) * 2, jnp.float32)
@@ -142,19 +163,25 @@ def test_sharded_generation_equals_unsharded():
   params = PARAMS
   kwargs = dict(max_new_tokens=NEW, stop_ids=(EOS,))
   sampled = dict(temperature=0.7, top_p=0.9, seed=1)
-  expected = [gen.generate(params, TINY, PROMPTS, **kwargs),
-              gen.generate(params, TINY, PROMPTS, **sampled, **kwargs)]
-  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, tensor=2, sequence=1)),
-                            jax.devices()[:4])
+  expected = [
+    gen.generate(params, TINY, PROMPTS, **kwargs),
+    gen.generate(params, TINY, PROMPTS, **sampled, **kwargs),
+  ]
+  mesh = sharding.make_mesh(
+    ml_collections.ConfigDict(dict(data=2, tensor=2, sequence=1)), jax.devices()[:4]
+  )
   boxed = train_step.abstract_params(Transformer(TINY), 1)
   placed = jax.device_put(params, sharding.param_shardings(mesh, boxed, False))
   assert placed['layers']['attention']['q'].sharding.spec[2] == 'tensor'
-  got = [gen.generate(placed, TINY, PROMPTS, mesh=mesh, **kwargs),
-         gen.generate(placed, TINY, PROMPTS, mesh=mesh, **sampled, **kwargs)]
+  got = [
+    gen.generate(placed, TINY, PROMPTS, mesh=mesh, **kwargs),
+    gen.generate(placed, TINY, PROMPTS, mesh=mesh, **sampled, **kwargs),
+  ]
   assert got == expected
 
 
 # --- the command line, on a checkpoint saved the way training saves one ------------------
+
 
 class _NoData:
   def get_state(self):
@@ -166,7 +193,9 @@ def make_checkpoint(workdir, edit_params=None):
 
   `edit_params(params) -> params` changes the (host) parameters before they are saved.
   """
-  from k2jax import checkpoint, run_config
+  from k2jax import run_config
+  from k2jax.training import checkpoint
+
   cfg = run_config.load(os.path.join(REPO, 'configs/pretrain.py:debug'))
   cfg.model.num_layers = 2
   cfg.data.seq_len = 64
@@ -180,8 +209,9 @@ def make_checkpoint(workdir, edit_params=None):
   if edit_params is not None:
     params = edit_params(params)
   params = jax.device_put(params, plan.state_sharding.params)
-  state = train_step.TrainState(step=jnp.asarray(2, jnp.int32), params=params,
-                                opt_state=plan.tx.init(params))
+  state = train_step.TrainState(
+    step=jnp.asarray(2, jnp.int32), params=params, opt_state=plan.tx.init(params)
+  )
   checkpoints = checkpoint.Checkpoints(str(workdir), cfg)
   checkpoints.save(2, state, _NoData(), final=True)
   checkpoints.close()
@@ -205,27 +235,42 @@ def chain_model(params, last=6, im_end=5):
 
 
 def run_cli(module, *args):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu')
-  return subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=300)
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
+  return subprocess.run(
+    [sys.executable, '-m', module, *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 def test_cli_chat_renders_the_prompt_and_stops_at_im_end(tmp_path, capsys):
   from data_pipeline import chat
   from data_pipeline.tokenizer import load_tokenizer
+
   tokenizer = load_tokenizer(os.path.join(REPO, 'data_pipeline/demo/tokenizer.model'))
   im_end = tokenizer.special_token_id(chat.IM_END)
   think_fast = tokenizer.special_token_id('<think_fast>')
   make_checkpoint(tmp_path, lambda p: chain_model(p, last=think_fast, im_end=im_end))
-  result = run_cli('k2jax.generate', f'--checkpoint={tmp_path}', '--chat',
-                   '--reasoning_effort=medium', '--prompt=Hello there', '--prompt=Hi',
-                   '--max_new_tokens=8', '--output=json', '--mesh=data:2,tensor:2')
+  result = run_cli(
+    'k2jax.generate',
+    f'--checkpoint={tmp_path}',
+    '--chat',
+    '--reasoning_effort=medium',
+    '--prompt=Hello there',
+    '--prompt=Hi',
+    '--max_new_tokens=8',
+    '--output=json',
+    '--mesh=data:2,tensor:2',
+  )
   assert result.returncode == 0, result.stderr
   out = json.loads(result.stdout)
   for text, row in zip(['Hello there', 'Hi'], out):
-    assert row['prompt_ids'] == chat.render_prompt([{'role': 'user', 'content': text}],
-                                                   tokenizer, 'medium')
+    assert row['prompt_ids'] == chat.render_prompt(
+      [{'role': 'user', 'content': text}], tokenizer, 'medium'
+    )
     assert row['ids'] == [*CHAIN, im_end] and row['finish_reason'] == 'stop'
     assert row['text'] == tokenizer.decode(CHAIN)
 
@@ -235,12 +280,15 @@ def test_cli_chat_renders_the_prompt_and_stops_at_im_end(tmp_path, capsys):
   assert capsys.readouterr().out == tokenizer.decode([*CHAIN, im_end, 0]) + '\n'
 
 
-@pytest.mark.parametrize('args,expected', [
+@pytest.mark.parametrize(
+  'args,expected',
+  [
     ((), 'the following arguments are required: --checkpoint'),
     (('--checkpoint=x', '--prompt=a', '--temperature=hot'), "invalid float value: 'hot'"),
     (('--checkpoint=/nonexistent',), 'give at least one --prompt'),
     (('--checkpoint=/nonexistent', '--prompt=x'), 'checkpoint /nonexistent is neither'),
-])
+  ],
+)
 def test_cli_errors_are_one_line(args, expected):
   result = run_cli('k2jax.generate', *args)
   assert result.returncode == 2, result.stderr

@@ -19,8 +19,17 @@ SHARES = {'encyclopedia': 0.5, 'stories': 0.3, 'arithmetic': 0.2}
 
 
 def make_cfg(**overrides) -> ml_collections.ConfigDict:
-  fields = dict(seq_len=128, global_batch_size=8, train_files='', mixture='', data_root='',
-                eval_files='', tokenizer=TOKENIZER, packing='concat', worker_count=0)
+  fields = dict(
+    seq_len=128,
+    global_batch_size=8,
+    train_files='',
+    mixture='',
+    data_root='',
+    eval_files='',
+    tokenizer=TOKENIZER,
+    packing='concat',
+    worker_count=0,
+  )
   return ml_collections.ConfigDict({**fields, **overrides})
 
 
@@ -40,16 +49,21 @@ def corpus(tmp_path_factory):
   for kind in SHARES:
     os.makedirs(root / 'raw' / kind)
     (root / 'raw' / kind / 'part-0.jsonl').write_text(''.join(by_kind[kind]))
-    prepare.prepare(prepare.Request(inputs=(str(root / 'raw' / kind / 'part-0.jsonl'),),
-                                    tokenizer=TOKENIZER), str(root / 'prepared' / kind),
-                    progress=False)
+    prepare.prepare(
+      prepare.Request(inputs=(str(root / 'raw' / kind / 'part-0.jsonl'),), tokenizer=TOKENIZER),
+      str(root / 'prepared' / kind),
+      progress=False,
+    )
   for form in ('raw', 'prepared'):
-    bank = {kind: {'weight': share * 10, 'path': f'{form}/{kind}'} for kind, share in SHARES.items()}
+    bank = {
+      kind: {'weight': share * 10, 'path': f'{form}/{kind}'} for kind, share in SHARES.items()
+    }
     (root / f'{form}_bank.json').write_text(json.dumps(bank))
   return root
 
 
 # --- the data-bank file ------------------------------------------------------------
+
 
 def write_bank(tmp_path, bank) -> str:
   path = tmp_path / 'bank.json'
@@ -58,22 +72,38 @@ def write_bank(tmp_path, bank) -> str:
 
 
 def test_data_bank_forms_and_paths(tmp_path):
-  path = write_bank(tmp_path, {'a': [300, 2, 'web'], 'b': {'tokens': 200, 'path': '/abs/b'},
-                               'c': {'tokens': 100, 'epochs': 2, 'path': 'gs://bucket/c'}})
+  path = write_bank(
+    tmp_path,
+    {
+      'a': [300, 2, 'web'],
+      'b': {'tokens': 200, 'path': '/abs/b'},
+      'c': {'tokens': 100, 'epochs': 2, 'path': 'gs://bucket/c'},
+    },
+  )
   a, b, c = mixture.load_data_bank(path)
   assert (a.name, a.share, a.path) == ('a', 0.6, str(tmp_path / 'web'))
   assert (b.share, b.path) == (0.2, '/abs/b')
   assert (c.share, c.path) == (0.2, 'gs://bucket/c')
   [a, *_] = mixture.load_data_bank(path, data_root='/data/txt360')
   assert a.path == '/data/txt360/web'
-  weights = mixture.load_data_bank(write_bank(tmp_path, {
-      'x': {'weight': 3, 'path': 'x'}, 'y': {'weight': 1, 'path': 'y', 'system_prompt_prob': 0.5}}))
+  weights = mixture.load_data_bank(
+    write_bank(
+      tmp_path,
+      {'x': {'weight': 3, 'path': 'x'}, 'y': {'weight': 1, 'path': 'y', 'system_prompt_prob': 0.5}},
+    )
+  )
   assert [(s.share, s.system_prompt_prob) for s in weights] == [(0.75, None), (0.25, 0.5)]
 
 
 def test_data_bank_tokens_from_a_manifest(corpus):
-  bank = {kind: {'tokens': 'manifest', 'epochs': 2 if kind == 'stories' else 1,
-                 'path': f'prepared/{kind}'} for kind in SHARES}
+  bank = {
+    kind: {
+      'tokens': 'manifest',
+      'epochs': 2 if kind == 'stories' else 1,
+      'path': f'prepared/{kind}',
+    }
+    for kind in SHARES
+  }
   path = corpus / 'manifest_bank.json'
   path.write_text(json.dumps(bank))
   tokens = {k: prepare.read_manifest(str(corpus / 'prepared' / k))['tokens'] for k in SHARES}
@@ -82,7 +112,9 @@ def test_data_bank_tokens_from_a_manifest(corpus):
   assert shares == pytest.approx({k: w / sum(weighted.values()) for k, w in weighted.items()})
 
 
-@pytest.mark.parametrize('bank, message', [
+@pytest.mark.parametrize(
+  'bank, message',
+  [
     ('{"a": [1, 2', 'not valid JSON'),
     ('[]', 'expected a non-empty object'),
     ({'a': [1, 2]}, "source 'a': expected [tokens, epochs, path]"),
@@ -95,7 +127,8 @@ def test_data_bank_tokens_from_a_manifest(corpus):
     ({'a': {'weight': 1, 'path': 'p', 'system_prompt_prob': 2}}, 'system_prompt_prob must be in'),
     ({'a': {'weight': 1, 'path': 'p'}, 'b': [1, 1, 'q']}, 'use one form'),
     ({'a': {'tokens': 'manifest', 'path': 'nowhere'}}, 'not a prepared data directory'),
-])
+  ],
+)
 def test_data_bank_errors_name_the_file_and_source(tmp_path, bank, message):
   path = write_bank(tmp_path, bank)
   with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)) as error:
@@ -109,6 +142,7 @@ def test_missing_data_bank_file(tmp_path):
 
 
 # --- mixing ------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize('form, packing', [('prepared', 'concat'), ('raw', 'best_fit')])
 def test_realised_token_shares_match_the_bank(corpus, form, packing):
@@ -165,8 +199,9 @@ def test_processes_read_disjoint_parts_of_every_source(corpus):
   # The templated demo corpus repeats a few short documents verbatim; those may be in both.
   tokenizer = load_tokenizer(TOKENIZER)
   counts = collections.Counter(
-      tuple(tokenizer.encode(t) + [tokenizer.eos_id])
-      for t in sources.read_values(os.path.join(DEMO, 'train.jsonl'), 'text').values)
+    tuple(tokenizer.encode(t) + [tokenizer.eos_id])
+    for t in sources.read_values(os.path.join(DEMO, 'train.jsonl'), 'text').values
+  )
   repeated = {doc for doc, n in counts.items() if n > 1}
   shared = {tuple(int(t) for t in doc) for doc in seen[0] & seen[1]}
   assert len(seen[0]) > 50 and len(seen[1]) > 50
@@ -182,21 +217,35 @@ def test_single_source_reports_no_shares():
 
 # --- chat sources --------------------------------------------------------------------
 
+
 @pytest.mark.parametrize('form', ['raw', 'prepared'])
 def test_chat_samples_are_packed_with_assistant_only_loss(tmp_path, form):
   path = os.path.join(DEMO, 'sft', 'eval.parquet')
   if form == 'prepared':
-    prepare.prepare(prepare.Request(inputs=(path,), tokenizer=TOKENIZER, format='chat',
-                                    field='conversations', max_len=256), str(tmp_path / 'p'),
-                    progress=False)
+    prepare.prepare(
+      prepare.Request(
+        inputs=(path,), tokenizer=TOKENIZER, format='chat', field='conversations', max_len=256
+      ),
+      str(tmp_path / 'p'),
+      progress=False,
+    )
     path = str(tmp_path / 'p')
-  cfg = make_cfg(eval_files=path, format='chat', seq_len=256, packing='document',
-                 chat={'system_prompt_prob': 0.0})
+  cfg = make_cfg(
+    eval_files=path,
+    format='chat',
+    seq_len=256,
+    packing='document',
+    chat={'system_prompt_prob': 0.0},
+  )
   tokenizer = load_tokenizer(TOKENIZER)
-  conversations = sources.read_values(os.path.join(DEMO, 'sft', 'eval.parquet'),
-                                      'conversations').values
-  samples = [chat.render_sample(c, t, tokenizer, max_len=256)
-             for c in conversations for t in chat.assistant_turns(c)]
+  conversations = sources.read_values(
+    os.path.join(DEMO, 'sft', 'eval.parquet'), 'conversations'
+  ).values
+  samples = [
+    chat.render_sample(c, t, tokenizer, max_len=256)
+    for c in conversations
+    for t in chat.assistant_turns(c)
+  ]
   segments = []
   for batch in take(pipeline.build(cfg, seed=0, split='eval'), 12):
     for inputs, segment_ids, loss in zip(batch['inputs'], batch['segment_ids'], batch['loss_mask']):
@@ -212,8 +261,13 @@ def test_chat_samples_are_packed_with_assistant_only_loss(tmp_path, form):
 
 
 def test_raw_chat_system_prompt_is_random_but_seeded():
-  cfg = make_cfg(train_files=os.path.join(DEMO, 'sft', 'eval.parquet'), format='chat',
-                 seq_len=512, packing='document', chat={'system_prompt_prob': 0.5})
+  cfg = make_cfg(
+    train_files=os.path.join(DEMO, 'sft', 'eval.parquet'),
+    format='chat',
+    seq_len=512,
+    packing='document',
+    chat={'system_prompt_prob': 0.5},
+  )
   tokenizer = load_tokenizer(TOKENIZER)
   system = tokenizer.special_token_id('<|im_start|>')
 
@@ -239,6 +293,7 @@ def test_unknown_data_format_is_refused():
 
 def test_the_best_fit_window_grows_with_the_row_length():
   from data_pipeline.pipeline import auto_pack_buffer
+
   assert auto_pack_buffer(512, 132) == 256  # short rows: the floor
   assert auto_pack_buffer(8192, 132) == 1986  # ~32 rows of short documents
   assert auto_pack_buffer(524_288, 100) == 65_536  # capped

@@ -9,12 +9,23 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from k2jax import hf_format, model_config, train_step
-from k2jax.model import Transformer
-from k2jax.model_config import ModelConfig
+from k2jax.hf import schema as hf_format
+from k2jax.model import config as model_config
+from k2jax.model.config import ModelConfig
+from k2jax.model.transformer import Transformer
+from k2jax.training import train_step
 
-TINY = ModelConfig(vocab_size=128, hidden_size=64, ffn_size=160, num_layers=2, num_heads=4,
-                   num_kv_heads=2, head_dim=16, dtype='float32', remat='none')
+TINY = ModelConfig(
+  vocab_size=128,
+  hidden_size=64,
+  ffn_size=160,
+  num_layers=2,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=16,
+  dtype='float32',
+  remat='none',
+)
 
 
 def init_params(cfg, seed=0, length=16):
@@ -37,8 +48,11 @@ def hf_to_params(hf_model, cfg):
   flat = {}
   for path, spec in hf_format.TENSORS.items():
     inner = hf_format._inner(path, shapes[path].shape)
-    flat[path] = (np.stack([load(spec, inner, spec.hf.format(i)) for i in range(cfg.num_layers)])
-                  if path.startswith(hf_format.LAYER_PREFIX) else load(spec, inner, spec.hf))
+    flat[path] = (
+      np.stack([load(spec, inner, spec.hf.format(i)) for i in range(cfg.num_layers)])
+      if path.startswith(hf_format.LAYER_PREFIX)
+      else load(spec, inner, spec.hf)
+    )
   return traverse_util.unflatten_dict(flat, sep='/')
 
 
@@ -48,12 +62,20 @@ def test_logits_match_hf_llama(num_kv_heads, rope_base):
   transformers = pytest.importorskip('transformers')
   cfg = dataclasses.replace(TINY, num_kv_heads=num_kv_heads, rope_base=rope_base)
   hf_config = transformers.LlamaConfig(
-      vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-      intermediate_size=cfg.ffn_size, num_hidden_layers=cfg.num_layers,
-      num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-      head_dim=cfg.head_dim, rope_theta=rope_base, rms_norm_eps=cfg.norm_eps,
-      tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
-      max_position_embeddings=256)
+    vocab_size=cfg.vocab_size,
+    hidden_size=cfg.hidden_size,
+    intermediate_size=cfg.ffn_size,
+    num_hidden_layers=cfg.num_layers,
+    num_attention_heads=cfg.num_heads,
+    num_key_value_heads=cfg.num_kv_heads,
+    head_dim=cfg.head_dim,
+    rope_theta=rope_base,
+    rms_norm_eps=cfg.norm_eps,
+    tie_word_embeddings=False,
+    attention_bias=False,
+    mlp_bias=False,
+    max_position_embeddings=256,
+  )
   torch.manual_seed(0)
   hf_model = transformers.LlamaForCausalLM(hf_config).eval()
   with torch.no_grad():  # non-trivial norm weights, so the (1+w) mapping is exercised
@@ -87,8 +109,8 @@ def test_causal():
   length, t = 12, 5
   tokens = np.arange(10, 10 + length)  # distinct ids: an embedding row = one position
   norms = _embedding_grad_per_position(TINY, tokens, np.ones(length, np.int32), t)
-  assert np.all(norms[t + 1:] == 0.0), norms
-  assert np.all(norms[:t + 1] > 0.0), norms
+  assert np.all(norms[t + 1 :] == 0.0), norms
+  assert np.all(norms[: t + 1] > 0.0), norms
 
 
 def test_documents_do_not_attend_to_each_other():
@@ -97,7 +119,7 @@ def test_documents_do_not_attend_to_each_other():
   segments = np.array([1] * 6 + [2] * 6, np.int32)
   norms = _embedding_grad_per_position(TINY, tokens, segments, t)
   assert np.all(norms[:6] == 0.0), norms  # the earlier document is invisible
-  assert np.all(norms[6:t + 1] > 0.0) and np.all(norms[t + 1:] == 0.0), norms
+  assert np.all(norms[6 : t + 1] > 0.0) and np.all(norms[t + 1 :] == 0.0), norms
 
 
 def test_rope_positions_restart_per_document():
@@ -117,11 +139,11 @@ def test_rope_positions_restart_per_document():
 @pytest.mark.parametrize('policy', ['full', 'save_dots'])
 def test_remat_matches_no_remat(policy):
   batch = {
-      'inputs': jnp.asarray(np.random.default_rng(1).integers(0, 128, (2, 16)), jnp.int32),
-      'targets': jnp.asarray(np.random.default_rng(2).integers(0, 128, (2, 16)), jnp.int32),
-      'positions': jnp.broadcast_to(jnp.arange(16), (2, 16)),
-      'segment_ids': jnp.ones((2, 16), jnp.int32),
-      'loss_mask': jnp.ones((2, 16), jnp.float32),
+    'inputs': jnp.asarray(np.random.default_rng(1).integers(0, 128, (2, 16)), jnp.int32),
+    'targets': jnp.asarray(np.random.default_rng(2).integers(0, 128, (2, 16)), jnp.int32),
+    'positions': jnp.broadcast_to(jnp.arange(16), (2, 16)),
+    'segment_ids': jnp.ones((2, 16), jnp.int32),
+    'loss_mask': jnp.ones((2, 16), jnp.float32),
   }
   params = init_params(TINY)
 
@@ -132,19 +154,32 @@ def test_remat_matches_no_remat(policy):
   ref_loss, ref_grads = loss_grads(TINY)
   loss, grads = loss_grads(dataclasses.replace(TINY, remat=policy))
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-               grads, ref_grads)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, ref_grads
+  )
 
 
 def test_initialisation_follows_k2v2():
-  cfg = dataclasses.replace(TINY, num_layers=4, hidden_size=256, ffn_size=512, num_heads=8,
-                            num_kv_heads=4, head_dim=32, vocab_size=512)
+  cfg = dataclasses.replace(
+    TINY,
+    num_layers=4,
+    hidden_size=256,
+    ffn_size=512,
+    num_heads=8,
+    num_kv_heads=4,
+    head_dim=32,
+    vocab_size=512,
+  )
   params = init_params(cfg)
   out_std = 0.01 / np.sqrt(2 * 4)
   assert np.std(params['layers']['attention']['o']) == pytest.approx(out_std, rel=0.05)
   assert np.std(params['layers']['mlp']['down']) == pytest.approx(out_std, rel=0.05)
-  for w in (params['embedding'], params['output'], params['layers']['attention']['q'],
-            params['layers']['mlp']['gate']):
+  for w in (
+    params['embedding'],
+    params['output'],
+    params['layers']['attention']['q'],
+    params['layers']['mlp']['gate'],
+  ):
     assert np.std(w) == pytest.approx(0.01, rel=0.05)
   assert np.all(params['final_norm']['scale'] == 0.0)  # (1+w) form starts at w = 0
 
@@ -160,8 +195,13 @@ def test_param_counts():
   assert k2.param_count() == 80 * per_layer + 8192 + 2 * 250112 * 8192 == 72_550_195_200
   assert k2.param_count(include_embeddings=False) == 68_452_360_192
   abstract = train_step.abstract_params(Transformer(k2), seq_len=8)  # shapes only
-  assert sum(np.prod(x.value.shape) for x in jax.tree.leaves(
-      abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))) == k2.param_count()
+  assert (
+    sum(
+      np.prod(x.value.shape)
+      for x in jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    )
+    == k2.param_count()
+  )
   assert k2.flops_per_token(8192) == pytest.approx(455e9, rel=0.01)
 
 

@@ -18,13 +18,23 @@ def free_port() -> int:
 
 
 def test_two_processes_assemble_one_global_batch(tmp_path):
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
-         'JAX_PLATFORMS': 'cpu'}
+  env = {
+    **os.environ,
+    'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
+    'JAX_PLATFORMS': 'cpu',
+  }
   port = str(free_port())
   worker = os.path.join(REPO, 'tests', 'multihost_data_worker.py')
-  procs = [subprocess.Popen([sys.executable, worker, port, str(i), '2', str(tmp_path)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, worker, port, str(i), '2', str(tmp_path)],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
   for proc in procs:
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output[-3000:]

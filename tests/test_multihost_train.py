@@ -8,21 +8,39 @@ import subprocess
 import sys
 import time
 
-from k2jax import checkpoint
+from k2jax.training import checkpoint
 from tests.conftest import REPO
 from tests.test_checkpoint import SMALL_FLAGS, exact, read_metrics
 from tests.test_multihost_data import free_port
 
 
 def start(workdir, port):
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
-         'JAX_PLATFORMS': 'cpu'}
-  return [subprocess.Popen(
-      [sys.executable, '-m', 'k2jax.train', '--config=configs/pretrain.py:debug',
-       f'--workdir={workdir}', *SMALL_FLAGS, f'--coordinator_address=127.0.0.1:{port}',
-       '--num_processes=2', f'--process_id={i}'],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(2)]
+  env = {
+    **os.environ,
+    'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
+    'JAX_PLATFORMS': 'cpu',
+  }
+  return [
+    subprocess.Popen(
+      [
+        sys.executable,
+        '-m',
+        'k2jax.train',
+        '--config=configs/pretrain.py:debug',
+        f'--workdir={workdir}',
+        *SMALL_FLAGS,
+        f'--coordinator_address=127.0.0.1:{port}',
+        '--num_processes=2',
+        f'--process_id={i}',
+      ],
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
 
 
 def finish(processes) -> list[str]:
@@ -54,8 +72,11 @@ def test_two_processes_train_are_killed_and_resume(tmp_path):
   committed = checkpoint.committed_steps(checkpoint.directory(str(workdir)))
   assert committed[-1] < 10, committed
   # Also damage the newest step on one host only: both hosts must fall back together.
-  os.remove(os.path.join(checkpoint.directory(str(workdir)), str(committed[-1]), 'data',
-                         'process_1-of-2.json'))
+  os.remove(
+    os.path.join(
+      checkpoint.directory(str(workdir)), str(committed[-1]), 'data', 'process_1-of-2.json'
+    )
+  )
   out = finish(start(workdir, free_port()))
   assert f'step {committed[-1]}' in out[0] and 'failed to restore' in out[0], out[0][-3000:]
   assert f'resumed from {checkpoint.directory(str(workdir))}/{committed[-2]}' in out[0]

@@ -30,6 +30,7 @@ def split_corpus(directory, parts=3, docs=300) -> list[list[str]]:
 
 def read_records(directory, has_mask=False):
   from array_record.python import array_record_module
+
   records = []
   for path in prepare.shard_files(directory):
     reader = array_record_module.ArrayRecordReader(path)
@@ -63,12 +64,16 @@ def test_text_shards_hold_the_tokenized_documents(tmp_path, tokenizer_path):
 def test_chat_shards_hold_one_sample_per_assistant_turn(tmp_path):
   tokenizer = load_tokenizer(SP_TOKENIZER)
   out = str(tmp_path / 'out')
-  prepare.prepare(request(SFT_EVAL, format='chat', field='conversations', max_len=200),
-                  out, progress=False)
+  prepare.prepare(
+    request(SFT_EVAL, format='chat', field='conversations', max_len=200), out, progress=False
+  )
   [shard] = read_records(out, has_mask=True)
   conversations = sources.read_values(SFT_EVAL, 'conversations').values
-  expected = [chat.render_sample(c, t, tokenizer, max_len=200)
-              for c in conversations for t in chat.assistant_turns(c)]
+  expected = [
+    chat.render_sample(c, t, tokenizer, max_len=200)
+    for c in conversations
+    for t in chat.assistant_turns(c)
+  ]
   assert len(shard) == len(expected) > len(conversations)  # some dialogs have several turns
   for (tokens, mask), sample in zip(shard, expected):
     np.testing.assert_array_equal(tokens, sample['tokens'])
@@ -96,8 +101,9 @@ def test_rerun_skips_finished_shards_and_repairs_a_killed_run(tmp_path):
   mtime = os.stat(done).st_mtime_ns
   # As a kill would leave it: shard 1 half written, its counts and the manifest missing.
   os.remove(prepare.shard_path(out, 1, '.json'))
-  os.rename(prepare.shard_path(out, 1, '.array_record'),
-            prepare.shard_path(out, 1, '.array_record.tmp'))
+  os.rename(
+    prepare.shard_path(out, 1, '.array_record'), prepare.shard_path(out, 1, '.array_record.tmp')
+  )
   os.remove(os.path.join(out, prepare.MANIFEST))
   with pytest.raises(FileNotFoundError, match='has not finished'):
     prepare.read_manifest(out)
@@ -110,12 +116,15 @@ def test_rerun_skips_finished_shards_and_repairs_a_killed_run(tmp_path):
 def test_workers_give_the_same_shards(tmp_path):
   split_corpus(tmp_path / 'raw', parts=2, docs=100)
   one = prepare.prepare(request(str(tmp_path / 'raw')), str(tmp_path / 'one'), progress=False)
-  two = prepare.prepare(request(str(tmp_path / 'raw')), str(tmp_path / 'two'), workers=2,
-                        progress=False)
+  two = prepare.prepare(
+    request(str(tmp_path / 'raw')), str(tmp_path / 'two'), workers=2, progress=False
+  )
   assert one['shards'] == two['shards']
   for name in ('00000.array_record', '00001.array_record'):
-    with open(tmp_path / 'one' / 'shards' / name, 'rb') as a, \
-         open(tmp_path / 'two' / 'shards' / name, 'rb') as b:
+    with (
+      open(tmp_path / 'one' / 'shards' / name, 'rb') as a,
+      open(tmp_path / 'two' / 'shards' / name, 'rb') as b,
+    ):
       assert a.read() == b.read()
 
 
@@ -129,14 +138,39 @@ def test_a_rerun_with_other_settings_is_refused(tmp_path):
 
 def test_command_line_errors_exit_2_with_one_line(tmp_path, capsys):
   split_corpus(tmp_path / 'raw')
-  assert prepare.main([f'--input={tmp_path}/nothing*.jsonl', f'--tokenizer={SP_TOKENIZER}',
-                       f'--output={tmp_path}/out']) == 2
+  assert (
+    prepare.main(
+      [
+        f'--input={tmp_path}/nothing*.jsonl',
+        f'--tokenizer={SP_TOKENIZER}',
+        f'--output={tmp_path}/out',
+      ]
+    )
+    == 2
+  )
   assert 'nothing*.jsonl' in capsys.readouterr().err
-  assert prepare.main([f'--input={tmp_path}/raw', f'--tokenizer={tmp_path}/missing.model',
-                       f'--output={tmp_path}/out']) == 2
+  assert (
+    prepare.main(
+      [
+        f'--input={tmp_path}/raw',
+        f'--tokenizer={tmp_path}/missing.model',
+        f'--output={tmp_path}/out',
+      ]
+    )
+    == 2
+  )
   assert 'missing.model' in capsys.readouterr().err
-  assert prepare.main([f'--input={tmp_path}/raw', f'--tokenizer={SP_TOKENIZER}',
-                       f'--output={tmp_path}/out', '--workers=1']) == 0
+  assert (
+    prepare.main(
+      [
+        f'--input={tmp_path}/raw',
+        f'--tokenizer={SP_TOKENIZER}',
+        f'--output={tmp_path}/out',
+        '--workers=1',
+      ]
+    )
+    == 0
+  )
   assert '300 documents' in capsys.readouterr().out
 
 

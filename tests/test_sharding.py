@@ -7,12 +7,22 @@ import ml_collections
 import numpy as np
 import pytest
 
-from k2jax import optim, sharding, train_step
-from k2jax.model import Transformer
-from k2jax.model_config import ModelConfig
+from k2jax.model.config import ModelConfig
+from k2jax.model.transformer import Transformer
+from k2jax.parallel import sharding
+from k2jax.training import optim, train_step
 
-CFG = ModelConfig(vocab_size=256, hidden_size=64, ffn_size=128, num_layers=2, num_heads=8,
-                  num_kv_heads=4, head_dim=8, dtype='float32', remat='full')
+CFG = ModelConfig(
+  vocab_size=256,
+  hidden_size=64,
+  ffn_size=128,
+  num_layers=2,
+  num_heads=8,
+  num_kv_heads=4,
+  head_dim=8,
+  dtype='float32',
+  remat='full',
+)
 BATCH, LENGTH = 8, 16
 
 
@@ -21,11 +31,11 @@ def make_batch(seed=0):
   segments = np.repeat(np.array([[1] * 10 + [2] * 6]), BATCH, axis=0).astype(np.int32)
   positions = np.concatenate([np.arange(10), np.arange(6)])
   return {
-      'inputs': rng.integers(0, CFG.vocab_size, (BATCH, LENGTH)).astype(np.int32),
-      'targets': rng.integers(0, CFG.vocab_size, (BATCH, LENGTH)).astype(np.int32),
-      'positions': np.broadcast_to(positions, (BATCH, LENGTH)).astype(np.int32),
-      'segment_ids': segments,
-      'loss_mask': (rng.random((BATCH, LENGTH)) > 0.2).astype(np.float32),
+    'inputs': rng.integers(0, CFG.vocab_size, (BATCH, LENGTH)).astype(np.int32),
+    'targets': rng.integers(0, CFG.vocab_size, (BATCH, LENGTH)).astype(np.int32),
+    'positions': np.broadcast_to(positions, (BATCH, LENGTH)).astype(np.int32),
+    'segment_ids': segments,
+    'loss_mask': (rng.random((BATCH, LENGTH)) > 0.2).astype(np.float32),
   }
 
 
@@ -35,12 +45,14 @@ def mesh_cfg(data, tensor, seq):
 
 MODEL = Transformer(CFG)
 PARAMS = jax.jit(lambda k: nn.unbox(MODEL.init(k, jnp.zeros((1, LENGTH), jnp.int32))['params']))(
-    jax.random.key(0))
+  jax.random.key(0)
+)
 
 
 def forward_and_grads(params, batch):
-  logits = MODEL.apply({'params': params}, batch['inputs'], batch['positions'],
-                       batch['segment_ids'])
+  logits = MODEL.apply(
+    {'params': params}, batch['inputs'], batch['positions'], batch['segment_ids']
+  )
   loss, grads, _ = train_step.loss_and_grads(MODEL, params, batch, accum_steps=1)
   return logits, loss, grads
 
@@ -54,9 +66,16 @@ def reference():
 REF_LOGITS, REF_LOSS, REF_GRADS = reference()
 
 
-@pytest.mark.parametrize('shape,fsdp', [((8, 1, 1), False), ((2, 4, 1), False),
-                                        ((2, 2, 2), False), ((4, 2, 1), True),
-                                        ((2, 2, 2), True)])
+@pytest.mark.parametrize(
+  'shape,fsdp',
+  [
+    ((8, 1, 1), False),
+    ((2, 4, 1), False),
+    ((2, 2, 2), False),
+    ((4, 2, 1), True),
+    ((2, 2, 2), True),
+  ],
+)
 def test_sharded_forward_and_gradient_match_single_device(shape, fsdp):
   mesh = sharding.make_mesh(mesh_cfg(*shape))
   boxed = train_step.abstract_params(MODEL, LENGTH)
@@ -65,8 +84,11 @@ def test_sharded_forward_and_gradient_match_single_device(shape, fsdp):
   params = jax.device_put(PARAMS, param_sharding)
   batch = jax.device_put(make_batch(), batch_sharding)
   with sharding.activate(mesh, fsdp):
-    fn = jax.jit(forward_and_grads, in_shardings=(param_sharding, batch_sharding),
-                 out_shardings=(None, None, param_sharding))
+    fn = jax.jit(
+      forward_and_grads,
+      in_shardings=(param_sharding, batch_sharding),
+      out_shardings=(None, None, param_sharding),
+    )
     logits, loss, grads = fn(params, batch)
 
   # The layout is what the rules say: heads over tensor, embed over data only with FSDP.
@@ -75,20 +97,36 @@ def test_sharded_forward_and_gradient_match_single_device(shape, fsdp):
   assert tuple(params['embedding'].sharding.spec) == ('tensor', 'data' if fsdp else None)
   np.testing.assert_allclose(np.asarray(logits), np.asarray(REF_LOGITS), atol=2e-5, rtol=0)
   np.testing.assert_allclose(loss, REF_LOSS, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
-                                                       atol=1e-6, rtol=1e-4),
-               grads, REF_GRADS)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-4),
+    grads,
+    REF_GRADS,
+  )
 
 
 def optimizer():
-  cfg = ml_collections.ConfigDict(dict(
-      peak_lr=1e-2, min_lr=1e-3, warmup_steps=0, schedule='cosine', decay_steps=0, b1=0.9,
+  cfg = ml_collections.ConfigDict(
+    dict(
+      peak_lr=1e-2,
+      min_lr=1e-3,
+      warmup_steps=0,
+      schedule='cosine',
+      decay_steps=0,
+      b1=0.9,
       # eps well above rounding noise: Adam's g / (sqrt(v) + eps) would otherwise turn a
       # 1e-9 gradient's rounding into a full-size update and the comparison into noise.
-      b2=0.95, eps=1e-4, weight_decay=0.05, clip_norm=1.0))
+      b2=0.95,
+      eps=1e-4,
+      weight_decay=0.05,
+      clip_norm=1.0,
+    )
+  )
   boxed = train_step.abstract_params(MODEL, LENGTH)
-  return optim.make_optimizer(cfg, 10, train_step.weight_decay_mask(boxed)), \
-      optim.make_schedule(cfg, 10), boxed
+  return (
+    optim.make_optimizer(cfg, 10, train_step.weight_decay_mask(boxed)),
+    optim.make_schedule(cfg, 10),
+    boxed,
+  )
 
 
 def run_steps(mesh_shape, fsdp, accum_steps=1, steps=2, devices=None):
@@ -97,11 +135,15 @@ def run_steps(mesh_shape, fsdp, accum_steps=1, steps=2, devices=None):
   _, state_sharding = train_step.state_shardings(mesh, tx, boxed, fsdp)
   batch_sharding = sharding.batch_sharding(mesh, (BATCH, LENGTH), fsdp)
   with sharding.activate(mesh, fsdp):
-    state = jax.jit(train_step.make_init_fn(MODEL, tx, LENGTH),
-                    out_shardings=state_sharding)(jax.random.key(0))
-    step = jax.jit(train_step.make_train_step(MODEL, tx, schedule, accum_steps),
-                   in_shardings=(state_sharding, batch_sharding),
-                   out_shardings=(state_sharding, None), donate_argnums=0)
+    state = jax.jit(train_step.make_init_fn(MODEL, tx, LENGTH), out_shardings=state_sharding)(
+      jax.random.key(0)
+    )
+    step = jax.jit(
+      train_step.make_train_step(MODEL, tx, schedule, accum_steps),
+      in_shardings=(state_sharding, batch_sharding),
+      out_shardings=(state_sharding, None),
+      donate_argnums=0,
+    )
     losses = []
     for i in range(steps):
       state, metrics = step(state, jax.device_put(make_batch(i), batch_sharding))
@@ -117,8 +159,9 @@ def test_train_steps_match_across_meshes_and_accumulation():
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     # Adam divides by sqrt(v): near-zero gradients amplify rounding, so compare against the
     # step size (lr 1e-2): 1e-5 is 0.1% of one update.
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
-                 params, ref_params)
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), params, ref_params
+    )
 
 
 def test_weight_decay_skips_stacked_norm_scales():
@@ -142,16 +185,25 @@ def test_mesh_shape_fill_and_errors():
 def test_indivisible_dimension_names_dim_and_axis():
   mesh = sharding.make_mesh(mesh_cfg(1, 8, 1))
   boxed = train_step.abstract_params(MODEL, LENGTH)  # kv_heads = 4 cannot split 8 ways
-  with pytest.raises(ValueError, match=r"parameter layers/attention/k: dimension 2 "
-                                       r"\(kv_heads=4\) is not divisible by mesh axis "
-                                       r"'tensor' of size 8"):
+  with pytest.raises(
+    ValueError,
+    match=r'parameter layers/attention/k: dimension 2 '
+    r'\(kv_heads=4\) is not divisible by mesh axis '
+    r"'tensor' of size 8",
+  ):
     sharding.param_shardings(mesh, boxed, fsdp=False)
   mesh = sharding.make_mesh(mesh_cfg(4, 1, 2))
-  with pytest.raises(ValueError, match=r'dimension 0 \(activation_batch=6\) is not divisible '
-                                       r"by mesh axis 'data' of size 4"):
+  with pytest.raises(
+    ValueError,
+    match=r'dimension 0 \(activation_batch=6\) is not divisible '
+    r"by mesh axis 'data' of size 4",
+  ):
     sharding.batch_sharding(mesh, (6, 16))
-  with pytest.raises(ValueError, match=r"activation_length=15\) is not divisible by mesh axis "
-                                       r"'sequence' of size 2"):
+  with pytest.raises(
+    ValueError,
+    match=r'activation_length=15\) is not divisible by mesh axis '
+    r"'sequence' of size 2",
+  ):
     sharding.batch_sharding(mesh, (8, 15))
 
 

@@ -16,9 +16,11 @@ from data_pipeline.sources import SUFFIXES, check_text, is_url, match_files, rea
 
 DOCS = [f'document {i} ' + 'word ' * (i % 7) for i in range(50)]
 TURNS = [
-    [{'role': 'user', 'content': 'hi', 'think': None},
-     {'role': 'assistant', 'content': 'hello', 'think': 'greet back'}],
-    [{'role': 'user', 'content': '2+2?', 'think': None}],
+  [
+    {'role': 'user', 'content': 'hi', 'think': None},
+    {'role': 'assistant', 'content': 'hello', 'think': 'greet back'},
+  ],
+  [{'role': 'user', 'content': '2+2?', 'think': None}],
 ]
 
 
@@ -80,15 +82,18 @@ def test_jsonl_formats(tmp_path, suffix):
 
 def test_zst_with_several_frames(tmp_path):
   path = tmp_path / 'docs.jsonl.zst'
-  path.write_bytes(compress(path, jsonl_bytes([{'text': 'a'}]))
-                   + compress(path, jsonl_bytes([{'text': 'b'}, {'text': 'c'}])))
+  path.write_bytes(
+    compress(path, jsonl_bytes([{'text': 'a'}]))
+    + compress(path, jsonl_bytes([{'text': 'b'}, {'text': 'c'}]))
+  )
   assert read_values(str(path), 'text').values == ['a', 'b', 'c']
 
 
 def test_parquet_text_column_in_batches(tmp_path):
   texts = [f'row {i}' for i in range(2500)]  # several row groups and record batches
-  path = write_parquet(tmp_path / 'a.parquet', {'text': texts, 'id': list(range(2500))},
-                       row_group_size=700)
+  path = write_parquet(
+    tmp_path / 'a.parquet', {'text': texts, 'id': list(range(2500))}, row_group_size=700
+  )
   result = read_values(path, 'text', check_text)
   assert result.values == texts and result.skipped == 0
 
@@ -169,7 +174,9 @@ def assert_reported(result_or_error, warnings, message, skipped=1):
   assert f'skipped {skipped} bad record(s)' in texts[-1]
 
 
-@pytest.mark.parametrize('line, message', [
+@pytest.mark.parametrize(
+  'line, message',
+  [
     (b'{"text": "cut', 'malformed JSON at column 10 (Unterminated string starting at)'),
     (b'{"text": "\xff"}', 'invalid UTF-8 (invalid start byte at byte 10)'),
     (b'["a list"]', 'not a JSON object but list'),
@@ -177,7 +184,8 @@ def assert_reported(result_or_error, warnings, message, skipped=1):
     (b'{"text": null}', "field 'text' is null"),
     (b'{"text": 5}', 'field is int, not a string'),
     (b'{"text": " \\n "}', 'empty document'),
-])
+  ],
+)
 def test_bad_jsonl_line(tmp_path, warnings, line, message):
   path = tmp_path / 'docs.jsonl.gz'
   path.write_bytes(gzip.compress(b'{"text": "first"}\n\n' + line + b'\n{"text": "last"}\n'))
@@ -215,7 +223,7 @@ def test_truncated_stream_keeps_earlier_records(tmp_path, warnings, suffix):
   docs = many_docs()
   path = tmp_path / f'cut{suffix}'
   data = compress(path, jsonl_bytes({'text': d} for d in docs))
-  path.write_bytes(data[:len(data) * 3 // 4])
+  path.write_bytes(data[: len(data) * 3 // 4])
   good = write_docs(tmp_path / 'z.jsonl', ['after'])
   result = read_values(str(tmp_path), 'text', check_text)
   kept = len(result.values) - 1
@@ -227,13 +235,22 @@ def test_truncated_stream_keeps_earlier_records(tmp_path, warnings, suffix):
     read_values(str(path), 'text', strict=True)
 
 
-@pytest.mark.parametrize('name, content, message', [
-    ('bad.jsonl.gz', b'{"text": "plain, not gzip"}\n',
-     'truncated or corrupt compressed data after line 0 (Not a gzipped file'),
-    ('bad.jsonl.zst', b'{"text": "plain, not zstd"}\n',
-     'truncated or corrupt compressed data after line 0 ('),
+@pytest.mark.parametrize(
+  'name, content, message',
+  [
+    (
+      'bad.jsonl.gz',
+      b'{"text": "plain, not gzip"}\n',
+      'truncated or corrupt compressed data after line 0 (Not a gzipped file',
+    ),
+    (
+      'bad.jsonl.zst',
+      b'{"text": "plain, not zstd"}\n',
+      'truncated or corrupt compressed data after line 0 (',
+    ),
     ('bad.parquet', b'PAR1 but not really', 'not a parquet file ('),
-])
+  ],
+)
 def test_corrupt_file(tmp_path, warnings, name, content, message):
   (tmp_path / name).write_bytes(content)
   write_docs(tmp_path / 'good.jsonl', ['ok'])
@@ -282,8 +299,12 @@ def test_nothing_matched(tmp_path):
 
 def test_all_records_bad(tmp_path, warnings):
   path = write_jsonl(tmp_path / 'a.jsonl', [{'text': ''}, {'meta': 1}])
-  with pytest.raises(ValueError, match=re.escape(
-      f"no usable 'text' values in files matching {path!r} (2 bad record(s) skipped)")):
+  with pytest.raises(
+    ValueError,
+    match=re.escape(
+      f"no usable 'text' values in files matching {path!r} (2 bad record(s) skipped)"
+    ),
+  ):
     read_values(path, 'text', check_text)
 
 
@@ -294,5 +315,7 @@ def test_a_glob_naming_folders_means_the_files_under_them(tmp_path):
       folder.mkdir(parents=True)
       (folder / 'part-0.jsonl').write_text('{"text": "x"}\n')
   found = sources.match_files(str(tmp_path / 'common-crawl' / '*' / '1-1'))
-  assert found == [str(tmp_path / 'common-crawl' / s / '1-1' / 'part-0.jsonl')
-                   for s in ('CC-MAIN-2024-10', 'CC-MAIN-2024-18')]
+  assert found == [
+    str(tmp_path / 'common-crawl' / s / '1-1' / 'part-0.jsonl')
+    for s in ('CC-MAIN-2024-10', 'CC-MAIN-2024-18')
+  ]

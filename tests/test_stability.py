@@ -15,7 +15,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from k2jax import alerts, checkpoint, run_config, stability, train, train_step
+from k2jax import run_config, train
+from k2jax.observe import alerts
+from k2jax.training import checkpoint, stability, train_step
 from tests.conftest import REPO
 from tests.test_checkpoint import read_metrics, small_config
 
@@ -54,6 +56,7 @@ def run_with(cfg, workdir, at, corrupt):
 
 class Receiver(http.server.BaseHTTPRequestHandler):
   """A local stand-in for a Slack webhook: stores every JSON body posted."""
+
   received = []
 
   def do_POST(self):
@@ -78,9 +81,11 @@ def webhook():
 
 # --- the policy on its own ---------------------------------------------------------------
 
+
 def policy_cfg(**overrides):
-  fields = dict(spike_window=8, spike_threshold=3.0, spike_min_increase=0.1,
-                spike_patience=3, max_rollbacks=1)
+  fields = dict(
+    spike_window=8, spike_threshold=3.0, spike_min_increase=0.1, spike_patience=3, max_rollbacks=1
+  )
   return ml_collections.ConfigDict({**fields, **overrides})
 
 
@@ -107,15 +112,18 @@ def test_spikes_need_patience_before_a_rollback(tmp_path):
 
 def test_a_falling_loss_is_never_a_spike(tmp_path):
   policy = stability.Stability(policy_cfg(), str(tmp_path))
-  assert all(policy.observe(s, 8.0 * 0.97 ** s, False) is None for s in range(1, 100))
+  assert all(policy.observe(s, 8.0 * 0.97**s, False) is None for s in range(1, 100))
 
 
 # --- the policy in the loop -----------------------------------------------------------------
 
+
 def test_non_finite_loss_skips_the_update(tmp_path, webhook):
   url, received = webhook
-  cfg = small_config(total_steps=6, **{'checkpoint.every': 3, 'monitor.webhook_url': url,
-                                       'monitor.profile_steps': '2:3'})
+  cfg = small_config(
+    total_steps=6,
+    **{'checkpoint.every': 3, 'monitor.webhook_url': url, 'monitor.profile_steps': '2:3'},
+  )
 
   def nan_mask(batch):
     batch['loss_mask'] = batch['loss_mask'].copy()
@@ -142,10 +150,18 @@ def test_non_finite_loss_skips_the_update(tmp_path, webhook):
 
 
 def test_a_persistent_spike_rolls_back_and_skips_its_data(tmp_path):
-  cfg = small_config(total_steps=20, **{
-      'checkpoint.every': 4, 'checkpoint.keep': 5, 'checkpoint.keep_every': 0,
-      'stability.spike_window': 6, 'stability.spike_threshold': 3.0,
-      'stability.spike_patience': 3, 'optim.warmup_steps': 1})
+  cfg = small_config(
+    total_steps=20,
+    **{
+      'checkpoint.every': 4,
+      'checkpoint.keep': 5,
+      'checkpoint.keep_every': 0,
+      'stability.spike_window': 6,
+      'stability.spike_threshold': 3.0,
+      'stability.spike_patience': 3,
+      'optim.warmup_steps': 1,
+    },
+  )
   rng = np.random.default_rng(0)
 
   def garbage_targets(batch):  # corrupt data: random next tokens
@@ -172,6 +188,7 @@ def test_a_persistent_spike_rolls_back_and_skips_its_data(tmp_path):
 
 # --- checkpoints by time, alerts, the summary ---------------------------------------------------
 
+
 def test_time_based_saves(tmp_path):
   cfg = small_config(**{'checkpoint.every': 0, 'checkpoint.every_minutes': 1 / 60})
   checkpoints = checkpoint.Checkpoints(str(tmp_path), cfg)
@@ -180,8 +197,9 @@ def test_time_based_saves(tmp_path):
     def get_state(self):
       return {'position': 0}
 
-  state = train_step.TrainState(step=jnp.zeros((), jnp.int32), params={'w': jnp.ones(3)},
-                                opt_state={'m': jnp.zeros(3)})
+  state = train_step.TrainState(
+    step=jnp.zeros((), jnp.int32), params={'w': jnp.ones(3)}, opt_state={'m': jnp.zeros(3)}
+  )
   saved = []
   for step in range(1, 5):
     saved.append(checkpoints.save(step, state, Batches()))
@@ -216,14 +234,17 @@ def test_unreachable_webhook_does_not_stop_the_run(capsys):
   assert 'alert not delivered' in capsys.readouterr().out
 
 
-@pytest.mark.parametrize('override, message', [
+@pytest.mark.parametrize(
+  'override, message',
+  [
     ('monitor.profile_steps=5', "monitor.profile_steps must be 'START:STOP'"),
     ('monitor.profile_steps=4:2', "monitor.profile_steps must be 'START:STOP'"),
     ('monitor.wandb_project=k2', 'wandb is not installed'),
     ('monitor.webhook_url=hooks.slack.com/x', 'must be an http(s) URL'),
     ('stability.spike_patience=-1', 'stability.spike_patience must be an integer >= 0'),
     ('checkpoint.every_minutes=-5', 'checkpoint.every_minutes must be a number >= 0'),
-])
+  ],
+)
 def test_bad_monitor_and_stability_settings(override, message):
   key, value = override.split('=')
   cfg = small_config()
@@ -237,16 +258,27 @@ def test_bad_monitor_and_stability_settings(override, message):
 
 
 def test_monitor_command_summarises_a_run(tmp_path):
-  train.train(small_config(total_steps=4, **{'checkpoint.every': 2, 'optim.warmup_steps': 1}),
-              str(tmp_path))
-  result = subprocess.run([sys.executable, '-m', 'k2jax.monitor', str(tmp_path), '--output=json'],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+  train.train(
+    small_config(total_steps=4, **{'checkpoint.every': 2, 'optim.warmup_steps': 1}), str(tmp_path)
+  )
+  result = subprocess.run(
+    [sys.executable, '-m', 'k2jax.monitor', str(tmp_path), '--output=json'],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode == 0, result.stderr
   summary = json.loads(result.stdout)
   assert summary['step'] == 4 and summary['total_steps'] == 4
   assert summary['checkpoints'] == [2, 4] and summary['rollbacks'] == []
   with open(summary['plot'], 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
-  text = subprocess.run([sys.executable, '-m', 'k2jax.monitor', str(tmp_path)], cwd=REPO,
-                        capture_output=True, text=True, timeout=120).stdout
+  text = subprocess.run(
+    [sys.executable, '-m', 'k2jax.monitor', str(tmp_path)],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  ).stdout
   assert 'step 4 of 4' in text and 'rollbacks none' in text

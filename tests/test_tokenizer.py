@@ -11,8 +11,12 @@ import numpy as np
 import pytest
 
 from data_pipeline import sources, train_tokenizer
-from data_pipeline.tokenizer import (SPECIAL_TOKENS, HFTokenizer, SentencePieceTokenizer,
-                                     load_tokenizer)
+from data_pipeline.tokenizer import (
+  SPECIAL_TOKENS,
+  HFTokenizer,
+  SentencePieceTokenizer,
+  load_tokenizer,
+)
 
 DEMO_DIR = os.path.join(os.path.dirname(__file__), '..', 'data_pipeline', 'demo')
 SP_PATH = os.path.join(DEMO_DIR, 'tokenizer.model')
@@ -24,18 +28,21 @@ EVAL_PATH = os.path.join(DEMO_DIR, 'eval.jsonl')
 # Texts that stress exact round trips: digits, non-ASCII, runs of whitespace,
 # a document start without a leading space, and chat tags next to text.
 EXTRA_TEXTS = [
-    'naïve — 東京',
-    'Hi  there\n\n  é 中 ok \t!',
-    '3.14159 + 2718 = 2721.14159',
-    '\n leading newline and trailing spaces   ',
-    'x<|im_end|>y<think>z</think_faster>',
-    '',
+  'naïve — 東京',
+  'Hi  there\n\n  é 中 ok \t!',
+  '3.14159 + 2718 = 2721.14159',
+  '\n leading newline and trailing spaces   ',
+  'x<|im_end|>y<think>z</think_faster>',
+  '',
 ]
 
 
 def sample_texts():
-  return (sources.read_values(EVAL_PATH, 'text').values[:40] + sources.read_values(TRAIN_PATH, 'text').values[::150]
-          + EXTRA_TEXTS)
+  return (
+    sources.read_values(EVAL_PATH, 'text').values[:40]
+    + sources.read_values(TRAIN_PATH, 'text').values[::150]
+    + EXTRA_TEXTS
+  )
 
 
 @pytest.fixture(scope='module', params=['sentencepiece', 'hf'])
@@ -56,6 +63,7 @@ def copy_hf_tokenizer(folder, config=None):
 
 
 # --- both demo tokenizers ------------------------------------------------------
+
 
 def test_dispatch_by_suffix():
   assert isinstance(load_tokenizer(SP_PATH), SentencePieceTokenizer)
@@ -102,10 +110,14 @@ def test_pickle_reloads_from_path(tokenizer):
   text = 'naïve — 東京 <|im_start|>user\n42'
   assert clone.encode(text) == tokenizer.encode(text)
   assert (clone.bos_id, clone.eos_id, clone.pad_id) == (
-      tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+    tokenizer.bos_id,
+    tokenizer.eos_id,
+    tokenizer.pad_id,
+  )
 
 
 # --- HF tokenizer.json ----------------------------------------------------------
+
 
 def test_hf_model_folder(tmp_path):
   tokenizer = load_tokenizer(DEMO_DIR)
@@ -124,10 +136,16 @@ def test_hf_without_config_uses_k2_defaults(tmp_path):
 def test_hf_config_token_forms(tmp_path):
   # HF writes AddedToken dicts as well as plain strings; null means "none".
   config = {
-      'bos_token': {'__type': 'AddedToken', 'content': '<|im_start|>', 'lstrip': False,
-                    'normalized': False, 'rstrip': False, 'single_word': False},
-      'eos_token': '<|im_end|>',
-      'pad_token': None,
+    'bos_token': {
+      '__type': 'AddedToken',
+      'content': '<|im_start|>',
+      'lstrip': False,
+      'normalized': False,
+      'rstrip': False,
+      'single_word': False,
+    },
+    'eos_token': '<|im_end|>',
+    'pad_token': None,
   }
   tokenizer = load_tokenizer(copy_hf_tokenizer(str(tmp_path), config))
   assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (4, 5, -1)
@@ -170,19 +188,21 @@ def test_file_errors(tmp_path):
 
 # --- training -------------------------------------------------------------------
 
+
 def test_hf_retrains_to_committed_tokenizer(tmp_path, monkeypatch):
   # Through the CLI, as the committed files were made. Training is
   # bit-reproducible, so compare bytes; ids too, to say what changed.
   out = str(tmp_path / 'tokenizer.json')
-  monkeypatch.setattr(sys, 'argv', [
-      'train_tokenizer', '--kind=hf', f'--input={TRAIN_PATH}', '--vocab_size=2048',
-      f'--out={out}'])
+  monkeypatch.setattr(
+    sys,
+    'argv',
+    ['train_tokenizer', '--kind=hf', f'--input={TRAIN_PATH}', '--vocab_size=2048', f'--out={out}'],
+  )
   train_tokenizer.main()
   new, old = load_tokenizer(out), load_tokenizer(HF_PATH)
   for text in sample_texts():
     assert new.encode(text) == old.encode(text), 'tokenizer.json is stale: rerun train_tokenizer'
-  for name, committed in [('tokenizer.json', HF_PATH),
-                          ('tokenizer_config.json', HF_CONFIG_PATH)]:
+  for name, committed in [('tokenizer.json', HF_PATH), ('tokenizer_config.json', HF_CONFIG_PATH)]:
     with open(tmp_path / name, 'rb') as new_file, open(committed, 'rb') as old_file:
       assert new_file.read() == old_file.read(), f'{name} is stale: rerun train_tokenizer'
 

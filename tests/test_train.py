@@ -41,14 +41,24 @@ def test_debug_pretraining_lowers_the_loss(tmp_path):
 def run_cli(*args, tmp_path):
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
   return subprocess.run(
-      [sys.executable, '-m', 'k2jax.train', f'--workdir={tmp_path}', *args],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    [sys.executable, '-m', 'k2jax.train', f'--workdir={tmp_path}', *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
-@pytest.mark.parametrize('override,expected', [
-    ('--config.optim.peak_lrr=1e-3', "unknown config key 'optim.peak_lrr'"
-                                     " in '--config.optim.peak_lrr=1e-3'; did you mean: "
-                                     'optim.peak_lr'),
+@pytest.mark.parametrize(
+  'override,expected',
+  [
+    (
+      '--config.optim.peak_lrr=1e-3',
+      "unknown config key 'optim.peak_lrr'"
+      " in '--config.optim.peak_lrr=1e-3'; did you mean: "
+      'optim.peak_lr',
+    ),
     ('--config.peak_lr=1e-3', 'did you mean: optim.peak_lr'),
     ('--config.optim.peak_lr=fast', "could not convert string to float: 'fast'"),
     ('--config.optim.schedule=cosin', "optim.schedule='cosin'"),
@@ -56,7 +66,8 @@ def run_cli(*args, tmp_path):
     ('--config.mesh.tensor=8', "kv_heads=4) is not divisible by mesh axis 'tensor' of size 8"),
     ('--config.data.train_files=/nonexistent/*.jsonl', '/nonexistent/*.jsonl'),
     ('--config.model.preset=huge', "model.preset='huge' is not one of"),
-])
+  ],
+)
 def test_bad_input_is_one_clear_line(override, expected, tmp_path):
   result = run_cli('--config=configs/pretrain.py:debug', override, tmp_path=tmp_path)
   assert result.returncode == 2, result.stderr

@@ -36,23 +36,33 @@ def test_pretraining_from_a_prepared_txt360_shaped_mixture(tmp_path):
   # TxT360's layout: CommonCrawl by snapshot and duplicate bucket, curated sources beside it.
   records = demo_records()
   layout = {
-      'data/common-crawl/CC-MAIN-2024-10/1-1': [r for r in records if 'encyclopedia' in r['meta']['source']],
-      'data/common-crawl/CC-MAIN-2024-10/2-5': [r for r in records if 'stories' in r['meta']['source']],
-      'data/math': [r for r in records if 'arithmetic' in r['meta']['source']],
+    'data/common-crawl/CC-MAIN-2024-10/1-1': [
+      r for r in records if 'encyclopedia' in r['meta']['source']
+    ],
+    'data/common-crawl/CC-MAIN-2024-10/2-5': [
+      r for r in records if 'stories' in r['meta']['source']
+    ],
+    'data/math': [r for r in records if 'arithmetic' in r['meta']['source']],
   }
   for folder, part in layout.items():
     os.makedirs(tmp_path / folder)
     with gzip.open(tmp_path / folder / 'part-000.jsonl.gz', 'wt') as f:
       f.writelines(json.dumps(r) + '\n' for r in part)
-  for name, pattern in (('cc_1-1', 'data/common-crawl/*/1-1'), ('cc_2-5', 'data/common-crawl/*/2-5'),
-                        ('math', 'data/math')):
-    request = prepare.Request(inputs=tuple(sources.match_files(str(tmp_path / pattern))),
-                              tokenizer=TOKENIZER)
+  for name, pattern in (
+    ('cc_1-1', 'data/common-crawl/*/1-1'),
+    ('cc_2-5', 'data/common-crawl/*/2-5'),
+    ('math', 'data/math'),
+  ):
+    request = prepare.Request(
+      inputs=tuple(sources.match_files(str(tmp_path / pattern))), tokenizer=TOKENIZER
+    )
     prepare.prepare(request, str(tmp_path / 'prepared' / name), progress=False)
   # K2-V2's bucket upsampling: 1-1 x2, 2-5 x4, with token counts from the manifests.
-  bank = {'cc_1-1': {'tokens': 'manifest', 'epochs': 2, 'path': 'prepared/cc_1-1'},
-          'cc_2-5': {'tokens': 'manifest', 'epochs': 4, 'path': 'prepared/cc_2-5'},
-          'math': {'tokens': 'manifest', 'epochs': 1, 'path': 'prepared/math'}}
+  bank = {
+    'cc_1-1': {'tokens': 'manifest', 'epochs': 2, 'path': 'prepared/cc_1-1'},
+    'cc_2-5': {'tokens': 'manifest', 'epochs': 4, 'path': 'prepared/cc_2-5'},
+    'math': {'tokens': 'manifest', 'epochs': 1, 'path': 'prepared/math'},
+  }
   (tmp_path / 'bank.json').write_text(json.dumps(bank))
 
   cfg = short_run(run_config.load(os.path.join(REPO, 'configs/pretrain.py:debug')))
@@ -82,10 +92,18 @@ def test_midtraining_from_a_midas_shaped_parquet_folder(tmp_path):
 
 
 def test_sft_on_3efforts_shaped_conversations_from_the_command_line(tmp_path):
-  command = [sys.executable, '-m', 'k2jax.train', '--config=configs/sft.py:debug',
-             f'--workdir={tmp_path}', '--config.total_steps=4', '--config.log_every=1',
-             '--config.eval_every=4', '--config.checkpoint.every=0',
-             '--config.optim.warmup_steps=1']
+  command = [
+    sys.executable,
+    '-m',
+    'k2jax.train',
+    '--config=configs/sft.py:debug',
+    f'--workdir={tmp_path}',
+    '--config.total_steps=4',
+    '--config.log_every=1',
+    '--config.eval_every=4',
+    '--config.checkpoint.every=0',
+    '--config.optim.warmup_steps=1',
+  ]
   result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   with open(tmp_path / 'metrics.jsonl') as f:

@@ -30,8 +30,8 @@ import optax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from k2jax.sharding import path_name
-from k2jax.train_step import TrainState
+from k2jax.parallel.sharding import path_name
+from k2jax.training.train_step import TrainState
 
 SUBDIR = 'checkpoints'
 ITEMS = ('params', 'opt_state', 'data', 'config', 'meta')
@@ -46,8 +46,9 @@ def committed_steps(checkpoint_dir: str) -> list[int]:
   """Steps whose save completed, oldest first (temp directories are not steps)."""
   if not os.path.isdir(checkpoint_dir):
     return []
-  manager = ocp.CheckpointManager(checkpoint_dir,
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  manager = ocp.CheckpointManager(
+    checkpoint_dir, options=ocp.CheckpointManagerOptions(read_only=True)
+  )
   steps = sorted(manager.all_steps())
   manager.close()
   return steps
@@ -64,8 +65,9 @@ class _DataState:
 
 
 def _with_shardings(abstract_tree, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract_tree, shardings)
+  return jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings
+  )
 
 
 def _short(error: Exception) -> str:
@@ -82,6 +84,7 @@ _agreements = itertools.count()
 
 def _coordination_client():
   from jax._src import distributed
+
   return distributed.global_state.client
 
 
@@ -92,8 +95,10 @@ def _all_hosts_agree(ok: bool) -> bool:
   client = _coordination_client()
   key = f'k2jax/agree/{next(_agreements)}'
   client.key_value_set(f'{key}/{jax.process_index()}', str(int(ok)))
-  return all(client.blocking_key_value_get(f'{key}/{i}', _COORDINATION_TIMEOUT_MS) == '1'
-             for i in range(jax.process_count()))
+  return all(
+    client.blocking_key_value_get(f'{key}/{i}', _COORDINATION_TIMEOUT_MS) == '1'
+    for i in range(jax.process_count())
+  )
 
 
 def _barrier(name: str) -> None:
@@ -110,8 +115,9 @@ class _EveryMinutes(policies.ContinuousCheckpointingPolicy):
 
   def __init__(self, **kwargs):
     super().__init__(**kwargs)
-    self._start = types.SimpleNamespace(step=-1, metrics=None,
-                                        time=datetime.datetime.now(tz=datetime.timezone.utc))
+    self._start = types.SimpleNamespace(
+      step=-1, metrics=None, time=datetime.datetime.now(tz=datetime.timezone.utc)
+    )
 
   def should_save(self, step, previous_steps, *, context):
     return super().should_save(step, list(previous_steps) or [self._start], context=context)
@@ -134,11 +140,12 @@ class Checkpoints:
       due.append(_EveryMinutes(minimum_interval_secs=int(ckpt.every_minutes * 60)))
     self.every = bool(due)
     options = ocp.CheckpointManagerOptions(
-        save_decision_policy=policies.AnySavePolicy(due) if due else None,
-        preservation_policy=policies.AnyPreservationPolicy(keep),
-        cleanup_tmp_directories=True,  # leftovers of saves killed half-way
-        enable_async_checkpointing=asynchronous,  # False: benchmarks/checkpoint.py's baseline
-        create=True)
+      save_decision_policy=policies.AnySavePolicy(due) if due else None,
+      preservation_policy=policies.AnyPreservationPolicy(keep),
+      cleanup_tmp_directories=True,  # leftovers of saves killed half-way
+      enable_async_checkpointing=asynchronous,  # False: benchmarks/checkpoint.py's baseline
+      create=True,
+    )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     self._config = json.loads(cfg.to_json_best_effort())
     self._total_steps = cfg.total_steps
@@ -155,26 +162,31 @@ class Checkpoints:
       return False
     if not (final or self._manager.should_save(step)) or step in self._manager.all_steps():
       return False
-    meta = dict(step=step, total_steps=self._total_steps, time=time.time(),
-                process_count=jax.process_count())
+    meta = dict(
+      step=step, total_steps=self._total_steps, time=time.time(), process_count=jax.process_count()
+    )
     args = ocp.args.Composite(
-        params=ocp.args.StandardSave(state.params),
-        opt_state=ocp.args.StandardSave(state.opt_state),
-        data=grain.checkpoint.CheckpointSave(_DataState(batches.get_state())),
-        config=ocp.args.JsonSave(self._config),
-        meta=ocp.args.JsonSave(meta))
+      params=ocp.args.StandardSave(state.params),
+      opt_state=ocp.args.StandardSave(state.opt_state),
+      data=grain.checkpoint.CheckpointSave(_DataState(batches.get_state())),
+      config=ocp.args.JsonSave(self._config),
+      meta=ocp.args.JsonSave(meta),
+    )
     return self._manager.save(step, args=args, force=True)
 
   def restore(self, step: int, plan, batches) -> TrainState:
     """The state saved at `step`, on `plan`'s shardings; sets `batches` to its position."""
     target = plan.abstract_state
     shardings = plan.state_sharding
-    restored = self._manager.restore(step, args=ocp.args.Composite(
+    restored = self._manager.restore(
+      step,
+      args=ocp.args.Composite(
         params=ocp.args.StandardRestore(_with_shardings(target.params, shardings.params)),
-        opt_state=ocp.args.StandardRestore(
-            _with_shardings(target.opt_state, shardings.opt_state)),
+        opt_state=ocp.args.StandardRestore(_with_shardings(target.opt_state, shardings.opt_state)),
         data=grain.checkpoint.CheckpointRestore(batches),
-        meta=ocp.args.JsonRestore()))
+        meta=ocp.args.JsonRestore(),
+      ),
+    )
     if restored.meta['step'] != step:
       raise ValueError(f'meta says step {restored.meta["step"]}, directory says {step}')
     step_array = jax.device_put(jnp.asarray(step, jnp.int32), shardings.step)
@@ -197,24 +209,33 @@ class Checkpoints:
           error = e
       # Every host must resume from the same step: one that failed anywhere failed everywhere.
       if not _all_hosts_agree(error is None):
-        fallback = f'falling back to step {steps[i + 1]}' if i + 1 < len(steps) else \
-            'no older checkpoint left'
+        fallback = (
+          f'falling back to step {steps[i + 1]}'
+          if i + 1 < len(steps)
+          else 'no older checkpoint left'
+        )
         reason = _short(error) if error else 'it failed to restore on another host'
-        warn(f'warning: checkpoint step {step} in {self.directory} failed to restore '
-             f'({reason}); {fallback}')
+        warn(
+          f'warning: checkpoint step {step} in {self.directory} failed to restore '
+          f'({reason}); {fallback}'
+        )
         continue
       for damaged in steps[:i]:
         self._set_aside(damaged, warn)
       return state
     if steps:
-      raise ValueError(f'none of the checkpoints in {self.directory} (steps {steps[::-1]}) '
-                       f'could be restored; move the directory away to start afresh')
+      raise ValueError(
+        f'none of the checkpoints in {self.directory} (steps {steps[::-1]}) '
+        f'could be restored; move the directory away to start afresh'
+      )
     return None
 
   def _missing_files(self, step: int) -> Exception | None:
     """A FileNotFoundError / ValueError if this host's part of `step` is missing or unreadable."""
     step_dir = os.path.join(self.directory, str(step))
-    data = os.path.join(step_dir, 'data', f'process_{jax.process_index()}-of-{jax.process_count()}.json')
+    data = os.path.join(
+      step_dir, 'data', f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+    )
     try:
       with open(data) as f:
         json.load(f)
@@ -253,6 +274,7 @@ class Checkpoints:
 
 # --- init_from: the parameters of another run ---------------------------------------------
 
+
 def resolve_step_dir(path: str) -> str:
   """A run's workdir or checkpoints directory (its newest step), or a step directory."""
   path = os.path.abspath(os.path.expanduser(path))
@@ -262,29 +284,38 @@ def resolve_step_dir(path: str) -> str:
     steps = committed_steps(candidate)
     if steps:
       return os.path.join(candidate, str(steps[-1]))
-  raise FileNotFoundError(f'init_from={path!r} is neither a step directory (with params/) '
-                          f'nor a workdir or checkpoints directory with a committed step')
+  raise FileNotFoundError(
+    f'init_from={path!r} is neither a step directory (with params/) '
+    f'nor a workdir or checkpoints directory with a committed step'
+  )
 
 
 def check_params_fit(step_dir: str, abstract_params) -> None:
   """Raises ValueError naming the first parameter whose shape differs (or that is missing)."""
   saved = ocp.StandardCheckpointer().metadata(os.path.join(step_dir, 'params')).item_metadata
-  saved_shapes = {path_name(p): tuple(m.shape)
-                  for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]}
+  saved_shapes = {
+    path_name(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]
+  }
   if not saved_shapes:
     raise ValueError(f'init_from {step_dir}: params/ lists no parameters (damaged?)')
-  wanted = {path_name(p): tuple(a.shape)
-            for p, a in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+  wanted = {
+    path_name(p): tuple(a.shape)
+    for p, a in jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+  }
   for name, shape in wanted.items():
     if name not in saved_shapes:
       raise ValueError(f'init_from {step_dir}: parameter {name} is not in the checkpoint')
     if saved_shapes[name] != shape:
-      raise ValueError(f'init_from {step_dir}: parameter {name} has shape {saved_shapes[name]} '
-                       f'in the checkpoint but {shape} in this model')
+      raise ValueError(
+        f'init_from {step_dir}: parameter {name} has shape {saved_shapes[name]} '
+        f'in the checkpoint but {shape} in this model'
+      )
   extra = sorted(set(saved_shapes) - set(wanted))
   if extra:
-    raise ValueError(f'init_from {step_dir}: checkpoint parameter {extra[0]} is not in this '
-                     f'model ({len(extra)} such)')
+    raise ValueError(
+      f'init_from {step_dir}: checkpoint parameter {extra[0]} is not in this '
+      f'model ({len(extra)} such)'
+    )
 
 
 def load_params(step_dir: str, plan):
@@ -303,16 +334,22 @@ def load_opt_state(step_dir: str, plan):
   """
   path = os.path.join(step_dir, 'opt_state')
   if not os.path.isdir(path):
-    raise ValueError(f'init_from_optimizer: {step_dir} has no opt_state/ (a converted HF '
-                     'checkpoint carries parameters only)')
+    raise ValueError(
+      f'init_from_optimizer: {step_dir} has no opt_state/ (a converted HF '
+      'checkpoint carries parameters only)'
+    )
   target = _with_shardings(plan.abstract_state.opt_state, plan.state_sharding.opt_state)
   try:
     with ocp.StandardCheckpointer() as checkpointer:
       opt_state = checkpointer.restore(path, target)
   except (ValueError, KeyError) as error:
-    raise ValueError(f'init_from_optimizer: the optimizer state in {step_dir} does not fit this '
-                     f'stage\'s optimizer ({_short(error)})') from None
+    raise ValueError(
+      f'init_from_optimizer: the optimizer state in {step_dir} does not fit this '
+      f"stage's optimizer ({_short(error)})"
+    ) from None
   is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
   return jax.tree.map(
-      lambda x: x._replace(count=jnp.zeros_like(x.count)) if is_schedule(x) else x,
-      opt_state, is_leaf=is_schedule)
+    lambda x: x._replace(count=jnp.zeros_like(x.count)) if is_schedule(x) else x,
+    opt_state,
+    is_leaf=is_schedule,
+  )

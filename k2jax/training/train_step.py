@@ -15,8 +15,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from k2jax import model_config, optim, sharding
-from k2jax.model import Transformer
+from k2jax.model import config as model_config
+from k2jax.model.transformer import Transformer
+from k2jax.parallel import sharding
+from k2jax.training import optim
 
 BATCH_KEYS = ('inputs', 'targets', 'positions', 'segment_ids', 'loss_mask')
 
@@ -36,8 +38,11 @@ def abstract_params(model: Transformer, seq_len: int):
 
 def weight_decay_mask(boxed_params):
   """Decay matrices, not norm scales: rank counted without the stacked `layers` axis."""
-  return jax.tree.map(lambda p: len([n for n in p.names if n != 'layers']) >= 2, boxed_params,
-                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  return jax.tree.map(
+    lambda p: len([n for n in p.names if n != 'layers']) >= 2,
+    boxed_params,
+    is_leaf=lambda x: isinstance(x, nn.Partitioned),
+  )
 
 
 def state_shardings(mesh, tx: optax.GradientTransformation, boxed_params, fsdp: bool):
@@ -47,12 +52,17 @@ def state_shardings(mesh, tx: optax.GradientTransformation, boxed_params, fsdp: 
   opt_state = jax.eval_shape(tx.init, params)
   # Adam's moments mirror the parameters; counters are replicated.
   opt_sharding = optax.tree_map_params(
-      tx, lambda _, s: s, opt_state, params_sharding,
-      transform_non_params=lambda _: sharding.replicated(mesh))
+    tx,
+    lambda _, s: s,
+    opt_state,
+    params_sharding,
+    transform_non_params=lambda _: sharding.replicated(mesh),
+  )
   step = jax.ShapeDtypeStruct((), jnp.int32)
   abstract = TrainState(step=step, params=params, opt_state=opt_state)
-  shardings = TrainState(step=sharding.replicated(mesh), params=params_sharding,
-                         opt_state=opt_sharding)
+  shardings = TrainState(
+    step=sharding.replicated(mesh), params=params_sharding, opt_state=opt_sharding
+  )
   return abstract, shardings
 
 
@@ -62,20 +72,24 @@ def make_init_fn(model: Transformer, tx: optax.GradientTransformation, seq_len: 
   def init(rng):
     tokens = jnp.zeros((1, seq_len), jnp.int32)
     return state_from_params(nn.unbox(model.init(rng, tokens)['params']))
+
   return init
 
 
 def make_state_from_params(tx: optax.GradientTransformation):
   """A fresh stage from given parameters: step 0, a new optimizer state (`init_from`)."""
+
   def state_from_params(params):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
   return state_from_params
 
 
 def loss_sums(model: Transformer, params, batch):
   """(sum of masked token losses, number of loss tokens), both float32."""
-  logits_BxLxV = model.apply({'params': params}, batch['inputs'], batch['positions'],
-                             batch['segment_ids'])
+  logits_BxLxV = model.apply(
+    {'params': params}, batch['inputs'], batch['positions'], batch['segment_ids']
+  )
   losses_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch['targets'])
   mask_BxL = batch['loss_mask'].astype(jnp.float32)
   return jnp.sum(losses_BxL * mask_BxL), jnp.sum(mask_BxL)
@@ -84,8 +98,10 @@ def loss_sums(model: Transformer, params, batch):
 def _microbatches(batch, count: int):
   """[B, L] -> [count, B / count, L], micro-batch i = rows i, i + count, ... so that each
   micro-batch stays spread over every data shard."""
+
   def split(x):
     return jnp.swapaxes(x.reshape(x.shape[0] // count, count, *x.shape[1:]), 0, 1)
+
   return jax.tree.map(split, batch)
 
 
@@ -109,8 +125,9 @@ def loss_and_grads(model: Transformer, params, batch, accum_steps: int):
   return loss / denominator, grads, tokens
 
 
-def make_train_step(model: Transformer, tx: optax.GradientTransformation,
-                    schedule: Callable, accum_steps: int):
+def make_train_step(
+  model: Transformer, tx: optax.GradientTransformation, schedule: Callable, accum_steps: int
+):
   def train_step(state: TrainState, batch):
     loss, grads, tokens = loss_and_grads(model, state.params, batch, accum_steps)
     grad_norm = optax.tree.norm(grads)
@@ -123,15 +140,16 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation,
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
     metrics = {
-        'loss': loss,
-        'grad_norm': grad_norm,  # before clipping
-        'update_norm': jnp.where(finite, optax.tree.norm(updates), 0.0),
-        'param_norm': optax.tree.norm(params),
-        'learning_rate': schedule(state.step),  # the rate this update used
-        'loss_tokens': tokens,
-        'skipped': 1.0 - finite.astype(jnp.float32),
+      'loss': loss,
+      'grad_norm': grad_norm,  # before clipping
+      'update_norm': jnp.where(finite, optax.tree.norm(updates), 0.0),
+      'param_norm': optax.tree.norm(params),
+      'learning_rate': schedule(state.step),  # the rate this update used
+      'loss_tokens': tokens,
+      'skipped': 1.0 - finite.astype(jnp.float32),
     }
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
   return train_step
 
 
@@ -139,12 +157,14 @@ def make_eval_step(model: Transformer):
   def eval_step(params, batch):
     loss, count = loss_sums(model, params, batch)
     return {'loss_sum': loss, 'loss_tokens': count}
+
   return eval_step
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """What a run compiles: model, optimizer, mesh, and where every array lives."""
+
   model_cfg: Any
   model: Transformer
   mesh: Any
@@ -157,10 +177,12 @@ class Plan:
 
   def jit_train_step(self):
     """The jitted update: explicit shardings in and out, the old state's buffers donated."""
-    return jax.jit(make_train_step(self.model, self.tx, self.schedule, self.accum_steps),
-                   in_shardings=(self.state_sharding, self.batch_sharding),
-                   out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
-                   donate_argnums=0)
+    return jax.jit(
+      make_train_step(self.model, self.tx, self.schedule, self.accum_steps),
+      in_shardings=(self.state_sharding, self.batch_sharding),
+      out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
+      donate_argnums=0,
+    )
 
 
 def plan(cfg, devices=None) -> Plan:
@@ -178,7 +200,14 @@ def plan(cfg, devices=None) -> Plan:
   boxed = abstract_params(model, seq_len)
   tx = optim.make_optimizer(cfg.optim, cfg.total_steps, weight_decay_mask(boxed))
   abstract_state, state_sharding = state_shardings(mesh, tx, boxed, fsdp)
-  return Plan(model_cfg=model_cfg, model=model, mesh=mesh, tx=tx,
-              schedule=optim.make_schedule(cfg.optim, cfg.total_steps),
-              abstract_state=abstract_state, state_sharding=state_sharding,
-              batch_sharding=batch_sharding, accum_steps=cfg.optim.grad_accum_steps)
+  return Plan(
+    model_cfg=model_cfg,
+    model=model,
+    mesh=mesh,
+    tx=tx,
+    schedule=optim.make_schedule(cfg.optim, cfg.total_steps),
+    abstract_state=abstract_state,
+    state_sharding=state_sharding,
+    batch_sharding=batch_sharding,
+    accum_steps=cfg.optim.grad_accum_steps,
+  )

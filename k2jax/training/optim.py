@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-SCHEDULES = ("cosine", "constant", "wsd")
-WSD_DECAY_SHAPES = ("linear", "cosine", "sqrt")
+SCHEDULES = ('cosine', 'constant', 'wsd')
+WSD_DECAY_SHAPES = ('linear', 'cosine', 'sqrt')
 
 
 def _get(optim_cfg, key, default):
@@ -29,60 +29,62 @@ def _validate(optim_cfg, total_steps: int) -> None:
   """Fails early, naming the offending config key, instead of mid-training."""
   schedule = optim_cfg.schedule
   if schedule not in SCHEDULES:
-    raise ValueError(
-        f"optim.schedule={schedule!r} is not one of {'|'.join(SCHEDULES)}")
+    raise ValueError(f'optim.schedule={schedule!r} is not one of {"|".join(SCHEDULES)}')
   if total_steps <= 0:
-    raise ValueError(f"total_steps={total_steps} must be positive")
+    raise ValueError(f'total_steps={total_steps} must be positive')
   if not optim_cfg.peak_lr > 0:
-    raise ValueError(f"optim.peak_lr={optim_cfg.peak_lr} must be positive")
+    raise ValueError(f'optim.peak_lr={optim_cfg.peak_lr} must be positive')
   if optim_cfg.min_lr < 0:
-    raise ValueError(f"optim.min_lr={optim_cfg.min_lr} must be >= 0")
+    raise ValueError(f'optim.min_lr={optim_cfg.min_lr} must be >= 0')
   if optim_cfg.min_lr > optim_cfg.peak_lr:
-    raise ValueError(f"optim.min_lr={optim_cfg.min_lr} must be <= "
-                     f"optim.peak_lr={optim_cfg.peak_lr}")
+    raise ValueError(
+      f'optim.min_lr={optim_cfg.min_lr} must be <= optim.peak_lr={optim_cfg.peak_lr}'
+    )
   warmup_steps = optim_cfg.warmup_steps
   if warmup_steps < 0:
-    raise ValueError(f"optim.warmup_steps={warmup_steps} must be >= 0")
+    raise ValueError(f'optim.warmup_steps={warmup_steps} must be >= 0')
   # A constant schedule with a warmup longer than the run is odd but harmless;
   # for decaying schedules it means the decay never happens.
-  if schedule != "constant" and warmup_steps > total_steps:
-    raise ValueError(f"optim.warmup_steps={warmup_steps} exceeds "
-                     f"total_steps={total_steps} for schedule={schedule!r}")
+  if schedule != 'constant' and warmup_steps > total_steps:
+    raise ValueError(
+      f'optim.warmup_steps={warmup_steps} exceeds '
+      f'total_steps={total_steps} for schedule={schedule!r}'
+    )
 
-  decay_steps = _get(optim_cfg, "decay_steps", 0)
+  decay_steps = _get(optim_cfg, 'decay_steps', 0)
   if decay_steps < 0:
-    raise ValueError(f"optim.decay_steps={decay_steps} must be >= 0 "
-                     "(0 means total_steps - warmup_steps)")
+    raise ValueError(
+      f'optim.decay_steps={decay_steps} must be >= 0 (0 means total_steps - warmup_steps)'
+    )
 
-  if schedule == "wsd":
-    fraction = _get(optim_cfg, "wsd_decay_fraction", 0.1)
+  if schedule == 'wsd':
+    fraction = _get(optim_cfg, 'wsd_decay_fraction', 0.1)
     if not 0 < fraction <= 1:
-      raise ValueError(
-          f"optim.wsd_decay_fraction={fraction} must be in (0, 1]")
-    shape = _get(optim_cfg, "wsd_decay_shape", "linear")
+      raise ValueError(f'optim.wsd_decay_fraction={fraction} must be in (0, 1]')
+    shape = _get(optim_cfg, 'wsd_decay_shape', 'linear')
     if shape not in WSD_DECAY_SHAPES:
-      raise ValueError(f"optim.wsd_decay_shape={shape!r} is not one of "
-                       f"{'|'.join(WSD_DECAY_SHAPES)}")
+      raise ValueError(
+        f'optim.wsd_decay_shape={shape!r} is not one of {"|".join(WSD_DECAY_SHAPES)}'
+      )
     decay_len = _wsd_decay_len(fraction, total_steps)
     if warmup_steps > total_steps - decay_len:
       raise ValueError(
-          f"optim.warmup_steps={warmup_steps} overlaps the wsd decay phase "
-          f"(last {decay_len} of total_steps={total_steps}, from "
-          f"optim.wsd_decay_fraction={fraction})")
+        f'optim.warmup_steps={warmup_steps} overlaps the wsd decay phase '
+        f'(last {decay_len} of total_steps={total_steps}, from '
+        f'optim.wsd_decay_fraction={fraction})'
+      )
 
   if not 0 <= optim_cfg.b1 < 1:
-    raise ValueError(f"optim.b1={optim_cfg.b1} must be in [0, 1)")
+    raise ValueError(f'optim.b1={optim_cfg.b1} must be in [0, 1)')
   if not 0 <= optim_cfg.b2 < 1:
-    raise ValueError(f"optim.b2={optim_cfg.b2} must be in [0, 1)")
+    raise ValueError(f'optim.b2={optim_cfg.b2} must be in [0, 1)')
   if not optim_cfg.eps > 0:
-    raise ValueError(f"optim.eps={optim_cfg.eps} must be positive")
+    raise ValueError(f'optim.eps={optim_cfg.eps} must be positive')
   if optim_cfg.weight_decay < 0:
-    raise ValueError(
-        f"optim.weight_decay={optim_cfg.weight_decay} must be >= 0")
-  clip_norm = _get(optim_cfg, "clip_norm", 0.0)
+    raise ValueError(f'optim.weight_decay={optim_cfg.weight_decay} must be >= 0')
+  clip_norm = _get(optim_cfg, 'clip_norm', 0.0)
   if clip_norm < 0:
-    raise ValueError(
-        f"optim.clip_norm={clip_norm} must be >= 0 (0 or None disables)")
+    raise ValueError(f'optim.clip_norm={clip_norm} must be >= 0 (0 or None disables)')
 
 
 def _wsd_decay_len(fraction: float, total_steps: int) -> int:
@@ -99,13 +101,13 @@ def _warmup_factor(step, warmup_steps: int):
 
 def _decay_shape(progress, shape: str):
   """Maps decay progress in [0, 1] to a multiplier going from 1 down to 0."""
-  if shape == "linear":
+  if shape == 'linear':
     return 1.0 - progress
-  if shape == "cosine":
+  if shape == 'cosine':
     return 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-  if shape == "sqrt":  # "1 - sqrt" cooldown: drops fast early, gently late.
+  if shape == 'sqrt':  # "1 - sqrt" cooldown: drops fast early, gently late.
     return 1.0 - jnp.sqrt(progress)
-  raise ValueError(f"unknown decay shape {shape!r}")
+  raise ValueError(f'unknown decay shape {shape!r}')
 
 
 def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
@@ -116,22 +118,24 @@ def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
   warmup_steps = int(optim_cfg.warmup_steps)
   kind = optim_cfg.schedule
 
-  if kind == "constant":
+  if kind == 'constant':
+
     def schedule(step):
       step = jnp.asarray(step, jnp.float32)
       return peak_lr * _warmup_factor(step, warmup_steps)
+
     return schedule
 
-  if kind == "cosine":
-    decay_steps = int(_get(optim_cfg, "decay_steps", 0))
+  if kind == 'cosine':
+    decay_steps = int(_get(optim_cfg, 'decay_steps', 0))
     if decay_steps == 0:
       decay_steps = total_steps - warmup_steps
-    decay_start, shape = warmup_steps, "cosine"
+    decay_start, shape = warmup_steps, 'cosine'
   else:  # wsd
-    fraction = float(_get(optim_cfg, "wsd_decay_fraction", 0.1))
+    fraction = float(_get(optim_cfg, 'wsd_decay_fraction', 0.1))
     decay_steps = _wsd_decay_len(fraction, total_steps)
     decay_start = total_steps - decay_steps
-    shape = _get(optim_cfg, "wsd_decay_shape", "linear")
+    shape = _get(optim_cfg, 'wsd_decay_shape', 'linear')
 
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)
@@ -140,8 +144,8 @@ def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
     progress = jnp.clip((step - decay_start) / max(decay_steps, 1), 0.0, 1.0)
     decayed = min_lr + (peak_lr - min_lr) * _decay_shape(progress, shape)
     in_warmup = step < warmup_steps
-    return jnp.where(in_warmup, peak_lr * _warmup_factor(step, warmup_steps),
-                     decayed)
+    return jnp.where(in_warmup, peak_lr * _warmup_factor(step, warmup_steps), decayed)
+
   return schedule
 
 
@@ -155,8 +159,9 @@ def decay_mask(params):
   return jax.tree.map(lambda p: len(p.shape) >= 2, params)
 
 
-def make_optimizer(optim_cfg, total_steps: int,
-                   weight_decay_mask=decay_mask) -> optax.GradientTransformation:
+def make_optimizer(
+  optim_cfg, total_steps: int, weight_decay_mask=decay_mask
+) -> optax.GradientTransformation:
   """Global-norm clipping, then AdamW with decay masked to >= 2-D params.
 
   `weight_decay_mask` (a pytree of bools or a function of the params) overrides the
@@ -168,14 +173,14 @@ def make_optimizer(optim_cfg, total_steps: int,
   """
   schedule = make_schedule(optim_cfg, total_steps)
   adamw = optax.adamw(
-      learning_rate=schedule,
-      b1=optim_cfg.b1,
-      b2=optim_cfg.b2,
-      eps=optim_cfg.eps,
-      weight_decay=optim_cfg.weight_decay,
-      mask=weight_decay_mask,
+    learning_rate=schedule,
+    b1=optim_cfg.b1,
+    b2=optim_cfg.b2,
+    eps=optim_cfg.eps,
+    weight_decay=optim_cfg.weight_decay,
+    mask=weight_decay_mask,
   )
-  clip_norm = _get(optim_cfg, "clip_norm", 0.0)
+  clip_norm = _get(optim_cfg, 'clip_norm', 0.0)
   if not clip_norm:
     return adamw
   return optax.chain(optax.clip_by_global_norm(clip_norm), adamw)

@@ -49,8 +49,11 @@ class Stability:
             self.totals[kind] += 1
 
   def metrics(self) -> dict[str, int]:
-    return {'skipped_steps': self.totals['skipped'], 'spikes': self.totals['spike'],
-            'rollbacks': self.totals['rollback']}
+    return {
+      'skipped_steps': self.totals['skipped'],
+      'spikes': self.totals['spike'],
+      'rollbacks': self.totals['rollback'],
+    }
 
   def _record(self, kind: str, step: int, **details):
     self.totals[kind] += 1
@@ -96,6 +99,8 @@ class Stability:
     self._record('rollback', from_step, to_step=to_step, skipped_batches=skipped_batches)
     self._bad_since = None
     if self.totals['rollback'] > self.max_rollbacks:
-      raise RuntimeError(f'{self.totals["rollback"]} rollbacks, more than '
-                         f'stability.max_rollbacks={self.max_rollbacks}: the run keeps diverging; '
-                         f'see {self._path}')
+      raise RuntimeError(
+        f'{self.totals["rollback"]} rollbacks, more than '
+        f'stability.max_rollbacks={self.max_rollbacks}: the run keeps diverging; '
+        f'see {self._path}'
+      )

@@ -12,9 +12,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from k2jax.attention import CACHE_AXES, Attention
-from k2jax.layers import MLP, RMSNorm, constrain, weight
-from k2jax.model_config import ModelConfig
+from k2jax.model.attention import CACHE_AXES, Attention
+from k2jax.model.config import ModelConfig
+from k2jax.model.layers import MLP, RMSNorm, constrain, weight
 
 RESIDUAL = ('activation_batch', 'activation_residual_length', 'activation_embed')
 # Decoding feeds a token at a time: its length cannot be split over `tensor`.
@@ -27,6 +27,7 @@ class Block(nn.Module):
   Training: the scan's carry is x. Decoding: the carry is (x, cache) and `layer` is this
   block's index into the cache (scanned over jnp.arange(num_layers)).
   """
+
   cfg: ModelConfig
 
   @nn.compact
@@ -36,8 +37,12 @@ class Block(nn.Module):
     axes = DECODE_RESIDUAL if decoding else RESIDUAL
     x_BxLxE = constrain(x_BxLxE, axes)
     attn = Attention(self.cfg, name='attention')(
-        RMSNorm(self.cfg, name='attention_norm')(x_BxLxE), positions_BxL, segment_ids_BxL,
-        cache, layer)
+      RMSNorm(self.cfg, name='attention_norm')(x_BxLxE),
+      positions_BxL,
+      segment_ids_BxL,
+      cache,
+      layer,
+    )
     if decoding:
       attn, cache = attn
     x_BxLxE = constrain(x_BxLxE + attn.astype(x_BxLxE.dtype), axes)
@@ -47,9 +52,9 @@ class Block(nn.Module):
 
 
 REMAT_POLICY = {
-    'full': jax.checkpoint_policies.nothing_saveable,  # recompute the whole block (K2-V2's choice)
-    # Keep the weight matmuls' outputs, recompute the rest (elementwise, attention softmax).
-    'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  'full': jax.checkpoint_policies.nothing_saveable,  # recompute the whole block (K2-V2's choice)
+  # Keep the weight matmuls' outputs, recompute the rest (elementwise, attention softmax).
+  'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -68,11 +73,12 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
   """
   shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
   return {
-      'k': constrain(jnp.zeros(shape, cfg.compute_dtype), CACHE_AXES),
-      'v': constrain(jnp.zeros(shape, cfg.compute_dtype), CACHE_AXES),
-      'segment_ids': constrain(jnp.zeros((batch, length), jnp.int32),
-                               ('activation_batch', 'activation_length')),
-      'index': jnp.zeros((), jnp.int32),
+    'k': constrain(jnp.zeros(shape, cfg.compute_dtype), CACHE_AXES),
+    'v': constrain(jnp.zeros(shape, cfg.compute_dtype), CACHE_AXES),
+    'segment_ids': constrain(
+      jnp.zeros((batch, length), jnp.int32), ('activation_batch', 'activation_length')
+    ),
+    'index': jnp.zeros((), jnp.int32),
   }
 
 
@@ -85,32 +91,39 @@ class Transformer(nn.Module):
   padding. `logits_at` [B] picks one position per row to compute logits for ([B, 1, V]),
   which spares the [B, L, V] logits of a long prompt.
   """
+
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, cache=None,
-               logits_at=None):
+  def __call__(
+    self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, cache=None, logits_at=None
+  ):
     cfg = self.cfg
     first = 0 if cache is None else cache['index']
     if positions_BxL is None:
-      positions_BxL = jnp.broadcast_to(first + jnp.arange(tokens_BxL.shape[1]),
-                                       tokens_BxL.shape)
+      positions_BxL = jnp.broadcast_to(first + jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
     if segment_ids_BxL is None:
       segment_ids_BxL = jnp.ones_like(tokens_BxL)
 
-    embedding_VxE = weight(self, 'embedding', (cfg.vocab_size, cfg.hidden_size),
-                           ('vocab', 'embed'), cfg.init_std, cfg.weight_dtype)
+    embedding_VxE = weight(
+      self,
+      'embedding',
+      (cfg.vocab_size, cfg.hidden_size),
+      ('vocab', 'embed'),
+      cfg.init_std,
+      cfg.weight_dtype,
+    )
     x_BxLxE = jnp.take(embedding_VxE, tokens_BxL, axis=0).astype(cfg.compute_dtype)
     x_BxLxE = constrain(x_BxLxE, RESIDUAL if cache is None else DECODE_RESIDUAL)
 
     def scan(in_axes):
       return nn.scan(
-          remat_block(cfg),
-          variable_axes={'params': 0},
-          split_rngs={'params': True},
-          in_axes=in_axes,
-          length=cfg.num_layers,
-          metadata_params={nn.PARTITION_NAME: 'layers'},
+        remat_block(cfg),
+        variable_axes={'params': 0},
+        split_rngs={'params': True},
+        in_axes=in_axes,
+        length=cfg.num_layers,
+        metadata_params={nn.PARTITION_NAME: 'layers'},
       )(cfg, name='layers')
 
     if cache is None:
@@ -119,21 +132,30 @@ class Transformer(nn.Module):
     else:
       cache = dict(cache)
       cache['segment_ids'] = jax.lax.dynamic_update_slice(
-          cache['segment_ids'], segment_ids_BxL.astype(jnp.int32), (0, first))
+        cache['segment_ids'], segment_ids_BxL.astype(jnp.int32), (0, first)
+      )
       # The layer index is scanned; the cache rides in the carry, so each layer's K/V
       # update is in place rather than a per-layer copy of the cache.
       blocks = scan((nn.broadcast, nn.broadcast, 0))
-      (x_BxLxE, cache), _ = blocks((x_BxLxE, cache), positions_BxL, segment_ids_BxL,
-                                   jnp.arange(cfg.num_layers))
+      (x_BxLxE, cache), _ = blocks(
+        (x_BxLxE, cache), positions_BxL, segment_ids_BxL, jnp.arange(cfg.num_layers)
+      )
       cache['index'] = first + tokens_BxL.shape[1]
 
     if logits_at is not None:
       x_BxLxE = jnp.take_along_axis(x_BxLxE, logits_at[:, None, None], axis=1)
     x_BxLxE = RMSNorm(cfg, name='final_norm')(x_BxLxE)
-    head_ExV = weight(self, 'output', (cfg.hidden_size, cfg.vocab_size), ('embed', 'vocab'),
-                      cfg.init_std, cfg.weight_dtype)
+    head_ExV = weight(
+      self,
+      'output',
+      (cfg.hidden_size, cfg.vocab_size),
+      ('embed', 'vocab'),
+      cfg.init_std,
+      cfg.weight_dtype,
+    )
     logits_BxLxV = jnp.einsum('ble,ev->blv', x_BxLxE, head_ExV.astype(cfg.compute_dtype))
-    logits_BxLxV = constrain(logits_BxLxV, ('activation_batch', 'activation_length',
-                                            'activation_vocab'))
+    logits_BxLxV = constrain(
+      logits_BxLxV, ('activation_batch', 'activation_length', 'activation_vocab')
+    )
     logits_BxLxV = logits_BxLxV.astype(jnp.float32)
     return logits_BxLxV if cache is None else (logits_BxLxV, cache)

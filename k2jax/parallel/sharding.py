@@ -31,12 +31,16 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
   fixed = math.prod(size for size in sizes if size != -1)
   if fill:
     if num_devices % fixed:
-      raise ValueError(f'mesh.{fill[0]}=-1 cannot fill {num_devices} devices: the other axes '
-                       f'multiply to {fixed}, which does not divide {num_devices}')
+      raise ValueError(
+        f'mesh.{fill[0]}=-1 cannot fill {num_devices} devices: the other axes '
+        f'multiply to {fixed}, which does not divide {num_devices}'
+      )
     sizes[AXES.index(fill[0])] = num_devices // fixed
   if math.prod(sizes) != num_devices:
-    raise ValueError(f'mesh data×tensor×sequence = {"×".join(map(str, sizes))} = '
-                     f'{math.prod(sizes)} devices, but {num_devices} are available')
+    raise ValueError(
+      f'mesh data×tensor×sequence = {"×".join(map(str, sizes))} = '
+      f'{math.prod(sizes)} devices, but {num_devices} are available'
+    )
   return tuple(sizes)
 
 
@@ -50,36 +54,37 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
 def logical_rules(fsdp: bool) -> dict[str, Any]:
   """Logical axis name -> mesh axis (None = replicated)."""
   return {
-      # Parameters.
-      'layers': None,
-      'embed': 'data' if fsdp else None,  # FSDP / ZeRO-3: weights sharded over the data axis
-      'vocab': 'tensor',
-      'heads': 'tensor',
-      'kv_heads': 'tensor',
-      'mlp': 'tensor',
-      'head_dim': None,
-      'norm': None,
-      # Activations.
-      'activation_batch': 'data',
-      'activation_length': 'sequence',
-      # Megatron's sequence parallelism: between attention and MLP the residual stream is
-      # also split along its length over `tensor`, instead of being copied on every tensor
-      # shard; XLA gathers it before the tensor-parallel matmuls and reduce-scatters after.
-      'activation_residual_length': ('sequence', 'tensor'),
-      'activation_embed': None,
-      'activation_heads': 'tensor',
-      'activation_kv_heads': 'tensor',
-      'activation_head_dim': None,
-      'activation_mlp': 'tensor',
-      'activation_vocab': 'tensor',
+    # Parameters.
+    'layers': None,
+    'embed': 'data' if fsdp else None,  # FSDP / ZeRO-3: weights sharded over the data axis
+    'vocab': 'tensor',
+    'heads': 'tensor',
+    'kv_heads': 'tensor',
+    'mlp': 'tensor',
+    'head_dim': None,
+    'norm': None,
+    # Activations.
+    'activation_batch': 'data',
+    'activation_length': 'sequence',
+    # Megatron's sequence parallelism: between attention and MLP the residual stream is
+    # also split along its length over `tensor`, instead of being copied on every tensor
+    # shard; XLA gathers it before the tensor-parallel matmuls and reduce-scatters after.
+    'activation_residual_length': ('sequence', 'tensor'),
+    'activation_embed': None,
+    'activation_heads': 'tensor',
+    'activation_kv_heads': 'tensor',
+    'activation_head_dim': None,
+    'activation_mlp': 'tensor',
+    'activation_vocab': 'tensor',
   }
 
 
 def partition_spec(logical_axes, rules: dict[str, Any], what: str) -> PartitionSpec:
   missing = [name for name in logical_axes if name not in rules]
   if missing:
-    raise ValueError(f'{what}: logical axis {missing[0]!r} has no sharding rule '
-                     f'(known: {", ".join(rules)})')
+    raise ValueError(
+      f'{what}: logical axis {missing[0]!r} has no sharding rule (known: {", ".join(rules)})'
+    )
   return PartitionSpec(*(rules[name] for name in logical_axes))
 
 
@@ -92,11 +97,12 @@ def check_divisible(shape, logical_axes, mesh: Mesh, rules: dict[str, Any], what
     axes = (axes,) if isinstance(axes, str) else axes
     axis_size = math.prod(mesh.shape[axis] for axis in axes)
     if size % axis_size:
-      label = (f'mesh axis {axes[0]!r}' if len(axes) == 1
-               else f'mesh axes {"×".join(axes)}')
-      raise ValueError(f'{what}: dimension {dim} ({name}={size}) is not divisible by {label} '
-                       f'of size {axis_size}; change the model shape or '
-                       f'{" / ".join("mesh." + axis for axis in axes)}')
+      label = f'mesh axis {axes[0]!r}' if len(axes) == 1 else f'mesh axes {"×".join(axes)}'
+      raise ValueError(
+        f'{what}: dimension {dim} ({name}={size}) is not divisible by {label} '
+        f'of size {axis_size}; change the model shape or '
+        f'{" / ".join("mesh." + axis for axis in axes)}'
+      )
 
 
 def path_name(path) -> str:
@@ -116,7 +122,8 @@ def param_shardings(mesh: Mesh, boxed_params, fsdp: bool):
     return NamedSharding(mesh, partition_spec(leaf.names, rules, what))
 
   return jax.tree_util.tree_map_with_path(
-      sharding_for, boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    sharding_for, boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+  )
 
 
 BATCH_AXES = ('activation_batch', 'activation_length')
@@ -132,11 +139,13 @@ def batch_sharding(mesh: Mesh, batch_shape, fsdp: bool = False) -> NamedSharding
 def check_activations(mesh: Mesh, model_cfg, seq_len: int, fsdp: bool = False):
   """Checks the dims that activations shard (residual length, heads, kv heads, mlp, vocab)."""
   rules = logical_rules(fsdp)
-  for name, size in (('activation_residual_length', seq_len),
-                     ('activation_heads', model_cfg.num_heads),
-                     ('activation_kv_heads', model_cfg.num_kv_heads),
-                     ('activation_mlp', model_cfg.ffn_size),
-                     ('activation_vocab', model_cfg.vocab_size)):
+  for name, size in (
+    ('activation_residual_length', seq_len),
+    ('activation_heads', model_cfg.num_heads),
+    ('activation_kv_heads', model_cfg.num_kv_heads),
+    ('activation_mlp', model_cfg.ffn_size),
+    ('activation_vocab', model_cfg.vocab_size),
+  ):
     check_divisible((size,), (name,), mesh, rules, f'model activation {name[11:]}')
 
 
@@ -158,8 +167,10 @@ def describe(mesh: Mesh) -> str:
 def devices_summary() -> str:
   devices = jax.devices()
   kinds = sorted({d.device_kind for d in devices})
-  return (f'{len(devices)} {"/".join(kinds)} device(s) over {jax.process_count()} process(es), '
-          f'this is process {jax.process_index()}')
+  return (
+    f'{len(devices)} {"/".join(kinds)} device(s) over {jax.process_count()} process(es), '
+    f'this is process {jax.process_index()}'
+  )
 
 
 def host_array(sharding: NamedSharding, local: np.ndarray) -> jax.Array:

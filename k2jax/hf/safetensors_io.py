@@ -14,9 +14,16 @@ import os
 
 import numpy as np
 
-from k2jax.hf_format import (IGNORED_HF, LAYER_PREFIX, TENSORS, _fancy, _inner, _read_json,
-                             hf_index, hf_shape)
-
+from k2jax.hf.schema import (
+  IGNORED_HF,
+  LAYER_PREFIX,
+  TENSORS,
+  _fancy,
+  _inner,
+  _read_json,
+  hf_index,
+  hf_shape,
+)
 
 # --- writing: to-hf -----------------------------------------------------------------------
 
@@ -25,6 +32,7 @@ ST_DTYPES = {'float32': 'F32', 'bfloat16': 'BF16', 'float16': 'F16'}
 
 def _np_dtype(name: str):
   import ml_dtypes  # registers bfloat16 with numpy
+
   return np.dtype(ml_dtypes.bfloat16) if name == 'bfloat16' else np.dtype(name)
 
 
@@ -32,8 +40,9 @@ class SafetensorsShards:
   """Preallocated safetensors files filled in any order through memory maps: a tensor can be
   written piece by piece as the chunks that hold it are read."""
 
-  def __init__(self, out_dir: str, tensors: list[tuple[str, tuple]], dtype: str,
-               shard_bytes: float):
+  def __init__(
+    self, out_dir: str, tensors: list[tuple[str, tuple]], dtype: str, shard_bytes: float
+  ):
     self._dtype = _np_dtype(dtype)
     self.itemsize = self._dtype.itemsize
     groups, size = [[]], 0
@@ -49,8 +58,11 @@ class SafetensorsShards:
       filename = f'model-{i + 1:05d}-of-{len(groups):05d}.safetensors'
       header, offset = {'__metadata__': {'format': 'pt'}}, 0
       for name, shape, nbytes in group:
-        header[name] = {'dtype': ST_DTYPES[dtype], 'shape': list(shape),
-                        'data_offsets': [offset, offset + nbytes]}
+        header[name] = {
+          'dtype': ST_DTYPES[dtype],
+          'shape': list(shape),
+          'data_offsets': [offset, offset + nbytes],
+        }
         self.files[name] = filename
         offset += nbytes
       encoded = json.dumps(header, separators=(',', ':')).encode()
@@ -61,8 +73,9 @@ class SafetensorsShards:
         f.truncate(start + offset)  # sparse until written
         self._maps.append(mmap.mmap(f.fileno(), start + offset))
       for name, shape, nbytes in group:
-        raw = np.frombuffer(self._maps[-1], np.uint8, nbytes,
-                            offset=start + header[name]['data_offsets'][0])
+        raw = np.frombuffer(
+          self._maps[-1], np.uint8, nbytes, offset=start + header[name]['data_offsets'][0]
+        )
         self._views[name] = raw.view(self._dtype).reshape(shape)
       self.total_bytes += offset
 
@@ -86,6 +99,7 @@ class SafetensorsShards:
 
 # --- reading: from-hf ---------------------------------------------------------------------
 
+
 def hf_weights(hf_dir: str) -> dict[str, str]:
   """{tensor name: safetensors file} of an HF folder; refuses pickles."""
   index_path = os.path.join(hf_dir, 'model.safetensors.index.json')
@@ -101,17 +115,19 @@ def hf_weights(hf_dir: str) -> dict[str, str]:
   if not files:
     pickles = sorted(f for f in os.listdir(hf_dir) if f.endswith(('.bin', '.pt', '.pth')))
     if pickles:
-      raise ValueError(f'{hf_dir} holds only PyTorch pickle weights ({", ".join(pickles[:3])}): '
-                       'k2jax reads safetensors only and never unpickles; re-save the model '
-                       'with save_pretrained(safe_serialization=True) where you trust the file')
+      raise ValueError(
+        f'{hf_dir} holds only PyTorch pickle weights ({", ".join(pickles[:3])}): '
+        'k2jax reads safetensors only and never unpickles; re-save the model '
+        'with save_pretrained(safe_serialization=True) where you trust the file'
+      )
     raise FileNotFoundError(f'{hf_dir} has no *.safetensors weights')
   from safetensors import safe_open
+
   weights = {}
   for filename in files:
     with safe_open(os.path.join(hf_dir, filename), 'np') as f:
       weights.update({name: os.path.join(hf_dir, filename) for name in f.keys()})
   return weights
-
 
 
 class HFReader:
@@ -120,6 +136,7 @@ class HFReader:
   def __init__(self, hf_dir: str, weights: dict[str, str], stack: contextlib.ExitStack):
     import ml_dtypes  # noqa: F401  (numpy learns bfloat16, which safetensors returns)
     from safetensors import safe_open
+
     self._dir, self._weights = hf_dir, weights
     self._files = {f: stack.enter_context(safe_open(f, 'np')) for f in set(weights.values())}
 
@@ -133,18 +150,25 @@ class HFReader:
         where = f' (the index names {os.path.basename(filename)})' if filename else ''
         raise ValueError(f'{self._dir}: tensor {name} is missing{where}')
       tensor = self._files[filename].get_slice(name)
-      want, got = hf_shape(TENSORS[path], _inner(path, shapes[path].shape)), tuple(
-          tensor.get_shape())
+      want, got = (
+        hf_shape(TENSORS[path], _inner(path, shapes[path].shape)),
+        tuple(tensor.get_shape()),
+      )
       if got != want:
-        raise ValueError(f'{self._dir}: tensor {name} has shape {got}, expected {want} from '
-                         'config.json')
+        raise ValueError(
+          f'{self._dir}: tensor {name} has shape {got}, expected {want} from config.json'
+        )
       if tensor.get_dtype() not in ST_DTYPES.values():
-        raise ValueError(f'{self._dir}: tensor {name} is {tensor.get_dtype()}, not one of '
-                         f'{"|".join(ST_DTYPES.values())}')
+        raise ValueError(
+          f'{self._dir}: tensor {name} is {tensor.get_dtype()}, not one of '
+          f'{"|".join(ST_DTYPES.values())}'
+        )
     for name, filename in self._weights.items():
       if name not in expected and not IGNORED_HF.match(name):
-        raise ValueError(f'{self._dir}: tensor {name} ({os.path.basename(filename)}) has no '
-                         'place in k2jax (biases, tied or extra weights are not supported)')
+        raise ValueError(
+          f'{self._dir}: tensor {name} ({os.path.basename(filename)}) has no '
+          'place in k2jax (biases, tied or extra weights are not supported)'
+        )
 
   def read(self, path: str, box, shape, dtype) -> np.ndarray:
     """The box (slices over the stacked shape) of parameter `path`, as `dtype`."""
@@ -159,12 +183,19 @@ class HFReader:
     spec = TENSORS[path]
     index = hf_index(spec, box, shape)
     # safetensors slices by ranges: read the bounding range, then pick within it.
-    bounds = tuple(i if isinstance(i, slice) else slice(int(i.min()), int(i.max()) + 1)
-                   for i in index)
+    bounds = tuple(
+      i if isinstance(i, slice) else slice(int(i.min()), int(i.max()) + 1) for i in index
+    )
     values = self._files[self._weights[name]].get_slice(name)[bounds]
     if not all(isinstance(i, slice) for i in index):
-      values = values[_fancy(tuple(slice(0, b.stop - b.start) if isinstance(i, slice)
-                                   else i - b.start for i, b in zip(index, bounds)))]
+      values = values[
+        _fancy(
+          tuple(
+            slice(0, b.stop - b.start) if isinstance(i, slice) else i - b.start
+            for i, b in zip(index, bounds)
+          )
+        )
+      ]
     permuted = [box[p].stop - box[p].start for p in spec.perm]
     values = values.reshape(permuted).transpose(np.argsort(spec.perm)).astype(np.float32)
     return values - 1.0 if spec.norm else values

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from k2jax.model_config import ModelConfig
+from k2jax.model.config import ModelConfig
 
 
 def weight(module: nn.Module, name: str, shape, axes, std: float, dtype):
@@ -31,8 +31,9 @@ class RMSNorm(nn.Module):
     cfg = self.cfg
     # (1+w) form starts at w = 0 so the initial scale is exactly one.
     init = nn.initializers.zeros if cfg.norm_one_plus else nn.initializers.ones
-    scale_E = self.param('scale', nn.with_logical_partitioning(init, ('norm',)),
-                         (x_BxLxE.shape[-1],), cfg.weight_dtype)
+    scale_E = self.param(
+      'scale', nn.with_logical_partitioning(init, ('norm',)), (x_BxLxE.shape[-1],), cfg.weight_dtype
+    )
     x = x_BxLxE.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + cfg.norm_eps)
     scale = scale_E.astype(jnp.float32) + (1.0 if cfg.norm_one_plus else 0.0)
@@ -54,6 +55,7 @@ def apply_rope(x_BxLxNxD, positions_BxL, base: float):
 
 class MLP(nn.Module):
   """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
+
   cfg: ModelConfig
 
   @nn.compact
@@ -66,6 +68,7 @@ class MLP(nn.Module):
     x = x_BxLxE.astype(cfg.compute_dtype)
     gate_BxLxF = jnp.einsum('ble,ef->blf', x, gate_ExF.astype(cfg.compute_dtype))
     up_BxLxF = jnp.einsum('ble,ef->blf', x, up_ExF.astype(cfg.compute_dtype))
-    hidden_BxLxF = constrain(nn.silu(gate_BxLxF) * up_BxLxF,
-                             ('activation_batch', 'activation_length', 'activation_mlp'))
+    hidden_BxLxF = constrain(
+      nn.silu(gate_BxLxF) * up_BxLxF, ('activation_batch', 'activation_length', 'activation_mlp')
+    )
     return jnp.einsum('blf,fe->ble', hidden_BxLxF, down_FxE.astype(cfg.compute_dtype))

@@ -44,8 +44,11 @@ class Webhook:
       if text is None:
         return
       request = urllib.request.Request(
-          self._url, data=json.dumps({'text': text}).encode(),
-          headers={'Content-Type': 'application/json'}, method='POST')
+        self._url,
+        data=json.dumps({'text': text}).encode(),
+        headers={'Content-Type': 'application/json'},
+        method='POST',
+      )
       try:
         with urllib.request.urlopen(request, timeout=10) as response:
           response.read()

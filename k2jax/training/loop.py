@@ -14,8 +14,9 @@ import time
 import jax
 
 from data_pipeline import pipeline
-from k2jax import preemption, sharding, train_step
-from k2jax.stability import Stability
+from k2jax.parallel import sharding
+from k2jax.training import preemption, train_step
+from k2jax.training.stability import Stability
 
 
 class TrainLoop:
@@ -27,24 +28,30 @@ class TrainLoop:
     self.batches = prepared['train_batches']
     self.checkpoints = checkpoints
     self.monitor = monitor
-    self.stability = Stability(self.cfg.stability, prepared['workdir'],
-                               is_writer=jax.process_index() == 0)
+    self.stability = Stability(
+      self.cfg.stability, prepared['workdir'], is_writer=jax.process_index() == 0
+    )
     self.records = []
     self._step_fn = self.plan.jit_train_step()
-    self._eval_fn = jax.jit(train_step.make_eval_step(self.plan.model),
-                            in_shardings=(self.plan.state_sharding.params, self.plan.batch_sharding),
-                            out_shardings=sharding.replicated(self.plan.mesh))
+    self._eval_fn = jax.jit(
+      train_step.make_eval_step(self.plan.model),
+      in_shardings=(self.plan.state_sharding.params, self.plan.batch_sharding),
+      out_shardings=sharding.replicated(self.plan.mesh),
+    )
     self._profile = _profile_range(self.cfg.monitor.get('profile_steps', ''))
     self._tracing = False
 
   def _to_global(self, local_batch):
-    return {key: sharding.host_array(self.plan.batch_sharding, local_batch[key])
-            for key in train_step.BATCH_KEYS}
+    return {
+      key: sharding.host_array(self.plan.batch_sharding, local_batch[key])
+      for key in train_step.BATCH_KEYS
+    }
 
   def _evaluate(self, params) -> float:
     # A fresh iterator each time: every eval sees the same held-out batches.
-    batches = pipeline.build(self.cfg.data, seed=self.cfg.seed, split='eval',
-                             **self.prepared['process'])
+    batches = pipeline.build(
+      self.cfg.data, seed=self.cfg.seed, split='eval', **self.prepared['process']
+    )
     loss_sum = tokens = 0.0
     for _, local_batch in zip(range(self.cfg.eval_batches), batches):
       out = jax.device_get(self._eval_fn(params, self._to_global(local_batch)))
@@ -59,8 +66,10 @@ class TrainLoop:
     if step >= cfg.total_steps:
       monitor.info(f'already at step {step} of {cfg.total_steps}: nothing to train')
       return self.records
-    monitor.info(f'training steps {step + 1}..{cfg.total_steps}: {cfg.data.global_batch_size} x '
-                 f'{cfg.data.seq_len} tokens per step (first step compiles)')
+    monitor.info(
+      f'training steps {step + 1}..{cfg.total_steps}: {cfg.data.global_batch_size} x '
+      f'{cfg.data.seq_len} tokens per step (first step compiles)'
+    )
     pending = None  # (step, device metrics) of the step in flight
     with preemption.StopRequests(monitor.info) as stops:
       while step < last_step:
@@ -87,8 +96,10 @@ class TrainLoop:
           monitor.exclude(time.perf_counter() - eval_start)
         if stopping:
           saved = 'checkpoint saved' if self.checkpoints.every else 'not saved (checkpoint.every=0)'
-          monitor.info(f'stopped at step {step} of {cfg.total_steps}, {saved}; '
-                       'start the same command again to continue')
+          monitor.info(
+            f'stopped at step {step} of {cfg.total_steps}, {saved}; '
+            'start the same command again to continue'
+          )
           break
     if pending is not None:
       self._finish(*pending)
@@ -102,13 +113,24 @@ class TrainLoop:
     metrics = jax.device_get(device_metrics)
     action = self.stability.observe(step, float(metrics['loss']), bool(metrics['skipped']))
     if action in ('skipped', 'spike'):
-      what = ('non-finite loss or gradient: update skipped' if action == 'skipped' else
-              f'loss spike ({float(metrics["loss"]):.4f})')
+      what = (
+        'non-finite loss or gradient: update skipped'
+        if action == 'skipped'
+        else f'loss spike ({float(metrics["loss"]):.4f})'
+      )
       self.monitor.alert(f'step {step}: {what}', kind=action)
     if step % self.cfg.log_every == 0 or step == self.cfg.total_steps or action:
-      self.records.append(self.monitor.write(step, {
-          **metrics, **self.monitor.throughput(step), **self.stability.metrics(),
-          **_data_metrics(self.batches)}))
+      self.records.append(
+        self.monitor.write(
+          step,
+          {
+            **metrics,
+            **self.monitor.throughput(step),
+            **self.stability.metrics(),
+            **_data_metrics(self.batches),
+          },
+        )
+      )
     self.monitor.heartbeat()
     return action
 
@@ -119,8 +141,11 @@ class TrainLoop:
     self.checkpoints.wait()
     good = [s for s in self.checkpoints.steps() if s < bad_since]
     if not good:
-      self.monitor.alert(f'step {step}: bad steps since {bad_since} but no checkpoint from before '
-                         'them: continuing without a rollback', kind='spike')
+      self.monitor.alert(
+        f'step {step}: bad steps since {bad_since} but no checkpoint from before '
+        'them: continuing without a rollback',
+        kind='spike',
+      )
       self.stability.rolled_back(step, step, 0)
       return None
     to = good[-1]
@@ -131,8 +156,11 @@ class TrainLoop:
     for _ in range(step - to):  # the batches of steps to+1..step: the window that diverged
       next(self.batches)
     self.stability.rolled_back(step, to, step - to)
-    self.monitor.alert(f'step {step}: rolled back to step {to} (bad steps since {bad_since}); '
-                       f'skipped {step - to} batches', kind='rollback')
+    self.monitor.alert(
+      f'step {step}: rolled back to step {to} (bad steps since {bad_since}); '
+      f'skipped {step - to} batches',
+      kind='rollback',
+    )
     self.monitor.drop_after(to)
     self.records = [r for r in self.records if r['step'] <= to]
     self.monitor.start(to)

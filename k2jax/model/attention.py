@@ -14,8 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from k2jax.layers import apply_rope, constrain, weight
-from k2jax.model_config import ModelConfig
+from k2jax.model.config import ModelConfig
+from k2jax.model.layers import apply_rope, constrain, weight
 
 
 def attention_mask(segment_ids_BxL):
@@ -46,9 +46,10 @@ def masked_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask):
   group = num_heads // num_kv
   # Query heads h = kv * group + g share KV head kv (the HF / Megatron GQA layout).
   q_BxTxKxGxD = q_BxTxHxD.reshape(batch, length, num_kv, group, head_dim)
-  scores_BxKxGxTxS = jnp.einsum('blkgd,bmkd->bkglm', q_BxTxKxGxD, k_BxSxKxD,
-                                preferred_element_type=jnp.float32)
-  scores_BxKxGxTxS = scores_BxKxGxTxS * (head_dim ** -0.5)
+  scores_BxKxGxTxS = jnp.einsum(
+    'blkgd,bmkd->bkglm', q_BxTxKxGxD, k_BxSxKxD, preferred_element_type=jnp.float32
+  )
+  scores_BxKxGxTxS = scores_BxKxGxTxS * (head_dim**-0.5)
   # Every token sees at least itself, so no row is fully masked and softmax stays finite.
   scores_BxKxGxTxS = jnp.where(mask, scores_BxKxGxTxS, jnp.finfo(jnp.float32).min)
   probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxSxKxD.dtype)
@@ -62,20 +63,26 @@ def xla_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL):
 
 
 BACKENDS = {
-    'xla': xla_attention,
+  'xla': xla_attention,
 }
 
 
 def get_backend(name: str):
   if name not in BACKENDS:
-    raise ValueError(f'model.attention={name!r} is not an available backend; '
-                     f'available: {"|".join(BACKENDS)}')
+    raise ValueError(
+      f'model.attention={name!r} is not an available backend; available: {"|".join(BACKENDS)}'
+    )
   return BACKENDS[name]
 
 
 # Cache arrays [layers, batch, cache length, kv heads, head dim] (see model.init_cache).
-CACHE_AXES = ('layers', 'activation_batch', 'activation_length', 'activation_kv_heads',
-              'activation_head_dim')
+CACHE_AXES = (
+  'layers',
+  'activation_batch',
+  'activation_length',
+  'activation_kv_heads',
+  'activation_head_dim',
+)
 
 
 class Attention(nn.Module):
@@ -86,6 +93,7 @@ class Attention(nn.Module):
   index into it): writes this chunk's K/V at `cache['index']`, attends over the cache, and
   returns (output, updated cache).
   """
+
   cfg: ModelConfig
 
   @nn.compact
@@ -96,13 +104,18 @@ class Attention(nn.Module):
     q_ExHxD = weight(self, 'q', (E, H, D), ('embed', 'heads', 'head_dim'), cfg.init_std, dtype)
     k_ExKxD = weight(self, 'k', (E, K, D), ('embed', 'kv_heads', 'head_dim'), cfg.init_std, dtype)
     v_ExKxD = weight(self, 'v', (E, K, D), ('embed', 'kv_heads', 'head_dim'), cfg.init_std, dtype)
-    o_HxDxE = weight(self, 'o', (H, D, E), ('heads', 'head_dim', 'embed'), cfg.output_init_std,
-                     dtype)
+    o_HxDxE = weight(
+      self, 'o', (H, D, E), ('heads', 'head_dim', 'embed'), cfg.output_init_std, dtype
+    )
 
     x = x_BxLxE.astype(compute)
     heads = ('activation_batch', 'activation_length', 'activation_heads', 'activation_head_dim')
-    kv_heads = ('activation_batch', 'activation_length', 'activation_kv_heads',
-                'activation_head_dim')
+    kv_heads = (
+      'activation_batch',
+      'activation_length',
+      'activation_kv_heads',
+      'activation_head_dim',
+    )
     q_BxLxHxD = constrain(jnp.einsum('ble,ehd->blhd', x, q_ExHxD.astype(compute)), heads)
     k_BxLxKxD = constrain(jnp.einsum('ble,ekd->blkd', x, k_ExKxD.astype(compute)), kv_heads)
     v_BxLxKxD = constrain(jnp.einsum('ble,ekd->blkd', x, v_ExKxD.astype(compute)), kv_heads)
@@ -114,17 +127,22 @@ class Attention(nn.Module):
       return jnp.einsum('blhd,hde->ble', out_BxLxHxD, o_HxDxE.astype(compute))
 
     if cache is None:
-      return project(get_backend(cfg.attention)(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD,
-                                                segment_ids_BxL))
+      return project(get_backend(cfg.attention)(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL))
     # In place in the scan's carry: only this chunk's slots of this layer are written.
     start = (layer, 0, cache['index'], 0, 0)
     cache = dict(cache)
     for name, new_BxLxKxD in (('k', k_BxLxKxD), ('v', v_BxLxKxD)):
-      cache[name] = constrain(jax.lax.dynamic_update_slice(
-          cache[name], new_BxLxKxD[None].astype(cache[name].dtype), start), CACHE_AXES)
-    k_BxSxKxD, v_BxSxKxD = (jax.lax.dynamic_index_in_dim(cache[name], layer, 0, keepdims=False)
-                            for name in ('k', 'v'))
+      cache[name] = constrain(
+        jax.lax.dynamic_update_slice(
+          cache[name], new_BxLxKxD[None].astype(cache[name].dtype), start
+        ),
+        CACHE_AXES,
+      )
+    k_BxSxKxD, v_BxSxKxD = (
+      jax.lax.dynamic_index_in_dim(cache[name], layer, 0, keepdims=False) for name in ('k', 'v')
+    )
     mask = cached_attention_mask(cache['index'], segment_ids_BxL, cache['segment_ids'])
-    out_BxLxHxD = masked_attention(q_BxLxHxD, k_BxSxKxD.astype(compute),
-                                   v_BxSxKxD.astype(compute), mask)
+    out_BxLxHxD = masked_attention(
+      q_BxLxHxD, k_BxSxKxD.astype(compute), v_BxSxKxD.astype(compute), mask
+    )
     return project(out_BxLxHxD), cache

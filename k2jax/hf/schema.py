@@ -15,15 +15,16 @@ import re
 
 import numpy as np
 
-from k2jax import model_config
-
+from k2jax.model import config as model_config
 
 # --- where each parameter lives in HF's LlamaForCausalLM ---------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class Tensor:
   """One k2jax parameter (one layer's slice if stacked) as an HF tensor:
   hf = transpose(param, perm).reshape(products of `groups` consecutive permuted axes)."""
+
   hf: str  # HF name; '{}' is the layer index
   perm: tuple[int, ...]
   groups: tuple[int, ...]
@@ -31,22 +32,24 @@ class Tensor:
 
 
 TENSORS = {
-    'embedding': Tensor('model.embed_tokens.weight', (0, 1), (1, 1)),  # [V, E]
-    'output': Tensor('lm_head.weight', (1, 0), (1, 1)),  # [E, V] -> [V, E]
-    'final_norm/scale': Tensor('model.norm.weight', (0,), (1,), norm=True),
-    # [E, H, D] -> [H, D, E] -> [H*D, E]
-    'layers/attention/q': Tensor('model.layers.{}.self_attn.q_proj.weight', (1, 2, 0), (2, 1)),
-    'layers/attention/k': Tensor('model.layers.{}.self_attn.k_proj.weight', (1, 2, 0), (2, 1)),
-    'layers/attention/v': Tensor('model.layers.{}.self_attn.v_proj.weight', (1, 2, 0), (2, 1)),
-    # [H, D, E] -> [E, H, D] -> [E, H*D]
-    'layers/attention/o': Tensor('model.layers.{}.self_attn.o_proj.weight', (2, 0, 1), (1, 2)),
-    'layers/mlp/gate': Tensor('model.layers.{}.mlp.gate_proj.weight', (1, 0), (1, 1)),
-    'layers/mlp/up': Tensor('model.layers.{}.mlp.up_proj.weight', (1, 0), (1, 1)),
-    'layers/mlp/down': Tensor('model.layers.{}.mlp.down_proj.weight', (1, 0), (1, 1)),
-    'layers/attention_norm/scale': Tensor('model.layers.{}.input_layernorm.weight', (0,), (1,),
-                                          norm=True),
-    'layers/mlp_norm/scale': Tensor('model.layers.{}.post_attention_layernorm.weight', (0,),
-                                    (1,), norm=True),
+  'embedding': Tensor('model.embed_tokens.weight', (0, 1), (1, 1)),  # [V, E]
+  'output': Tensor('lm_head.weight', (1, 0), (1, 1)),  # [E, V] -> [V, E]
+  'final_norm/scale': Tensor('model.norm.weight', (0,), (1,), norm=True),
+  # [E, H, D] -> [H, D, E] -> [H*D, E]
+  'layers/attention/q': Tensor('model.layers.{}.self_attn.q_proj.weight', (1, 2, 0), (2, 1)),
+  'layers/attention/k': Tensor('model.layers.{}.self_attn.k_proj.weight', (1, 2, 0), (2, 1)),
+  'layers/attention/v': Tensor('model.layers.{}.self_attn.v_proj.weight', (1, 2, 0), (2, 1)),
+  # [H, D, E] -> [E, H, D] -> [E, H*D]
+  'layers/attention/o': Tensor('model.layers.{}.self_attn.o_proj.weight', (2, 0, 1), (1, 2)),
+  'layers/mlp/gate': Tensor('model.layers.{}.mlp.gate_proj.weight', (1, 0), (1, 1)),
+  'layers/mlp/up': Tensor('model.layers.{}.mlp.up_proj.weight', (1, 0), (1, 1)),
+  'layers/mlp/down': Tensor('model.layers.{}.mlp.down_proj.weight', (1, 0), (1, 1)),
+  'layers/attention_norm/scale': Tensor(
+    'model.layers.{}.input_layernorm.weight', (0,), (1,), norm=True
+  ),
+  'layers/mlp_norm/scale': Tensor(
+    'model.layers.{}.post_attention_layernorm.weight', (0,), (1,), norm=True
+  ),
 }
 LAYER_PREFIX = 'layers/'
 IGNORED_HF = re.compile(r'.*\.rotary_emb\.inv_freq$')  # a recomputed buffer in old exports
@@ -65,7 +68,7 @@ def hf_index(spec: Tensor, box, shape):
   index, axis = [], 0
   for size in spec.groups:
     flat = np.zeros(1, np.int64)
-    for part, length in permuted[axis:axis + size]:
+    for part, length in permuted[axis : axis + size]:
       flat = (flat[:, None] * length + np.arange(part.start, part.stop)[None, :]).ravel()
     axis += size
     contiguous = flat[-1] - flat[0] + 1 == flat.size
@@ -82,12 +85,16 @@ def _fancy(index):
 def hf_entries(cfg: model_config.ModelConfig, params) -> list[tuple[str, str]]:
   """(HF name, k2jax path) in HF's usual order: embeddings, layer by layer, norm, head."""
   if set(params) != set(TENSORS):
-    raise NotImplementedError(f'k2jax parameters {sorted(set(params) ^ set(TENSORS))} are not '
-                              'both in the model and in hf_format.TENSORS: update the map')
+    raise NotImplementedError(
+      f'k2jax parameters {sorted(set(params) ^ set(TENSORS))} are not '
+      'both in the model and in hf_format.TENSORS: update the map'
+    )
   layered = [path for path in TENSORS if path.startswith(LAYER_PREFIX)]
-  return ([(TENSORS['embedding'].hf, 'embedding')] +
-          [(TENSORS[path].hf.format(i), path) for i in range(cfg.num_layers) for path in layered] +
-          [(TENSORS[path].hf, path) for path in ('final_norm/scale', 'output')])
+  return (
+    [(TENSORS['embedding'].hf, 'embedding')]
+    + [(TENSORS[path].hf.format(i), path) for i in range(cfg.num_layers) for path in layered]
+    + [(TENSORS[path].hf, path) for path in ('final_norm/scale', 'output')]
+  )
 
 
 def _param_shapes(cfg: model_config.ModelConfig):
@@ -95,8 +102,10 @@ def _param_shapes(cfg: model_config.ModelConfig):
   import flax.linen as nn
   import jax
 
-  from k2jax import sharding, train_step
-  from k2jax.model import Transformer
+  from k2jax.model.transformer import Transformer
+  from k2jax.parallel import sharding
+  from k2jax.training import train_step
+
   boxed = train_step.abstract_params(Transformer(cfg), seq_len=1)
   flat = jax.tree_util.tree_flatten_with_path(nn.unbox(boxed))[0]
   return {sharding.path_name(p): a for p, a in flat}, boxed
@@ -107,23 +116,36 @@ def _inner(path: str, shape) -> tuple[int, ...]:
   return tuple(shape[1:] if path.startswith(LAYER_PREFIX) else shape)
 
 
-
 # --- HF config.json -----------------------------------------------------------------------
+
 
 def hf_config(cfg: model_config.ModelConfig, seq_len: int, dtype: str, ids: dict) -> dict:
   rope = {'rope_type': 'default', 'rope_theta': float(cfg.rope_base)}
   config = {
-      'architectures': ['LlamaForCausalLM'], 'model_type': 'llama',
-      'vocab_size': cfg.vocab_size, 'hidden_size': cfg.hidden_size,
-      'intermediate_size': cfg.ffn_size, 'num_hidden_layers': cfg.num_layers,
-      'num_attention_heads': cfg.num_heads, 'num_key_value_heads': cfg.num_kv_heads,
-      'head_dim': cfg.head_dim, 'hidden_act': 'silu', 'max_position_embeddings': seq_len,
-      'rms_norm_eps': cfg.norm_eps,
-      # transformers 4 reads rope_theta / rope_scaling, transformers 5 rope_parameters.
-      'rope_theta': float(cfg.rope_base), 'rope_scaling': None, 'rope_parameters': rope,
-      'attention_bias': False, 'attention_dropout': 0.0, 'mlp_bias': False, 'pretraining_tp': 1,
-      'tie_word_embeddings': False, 'initializer_range': cfg.init_std, 'use_cache': True,
-      'torch_dtype': dtype,
+    'architectures': ['LlamaForCausalLM'],
+    'model_type': 'llama',
+    'vocab_size': cfg.vocab_size,
+    'hidden_size': cfg.hidden_size,
+    'intermediate_size': cfg.ffn_size,
+    'num_hidden_layers': cfg.num_layers,
+    'num_attention_heads': cfg.num_heads,
+    'num_key_value_heads': cfg.num_kv_heads,
+    'head_dim': cfg.head_dim,
+    'hidden_act': 'silu',
+    'max_position_embeddings': seq_len,
+    'rms_norm_eps': cfg.norm_eps,
+    # transformers 4 reads rope_theta / rope_scaling, transformers 5 rope_parameters.
+    'rope_theta': float(cfg.rope_base),
+    'rope_scaling': None,
+    'rope_parameters': rope,
+    'attention_bias': False,
+    'attention_dropout': 0.0,
+    'mlp_bias': False,
+    'pretraining_tp': 1,
+    'tie_word_embeddings': False,
+    'initializer_range': cfg.init_std,
+    'use_cache': True,
+    'torch_dtype': dtype,
   }
   return {**config, **ids}
 
@@ -138,6 +160,7 @@ def _field(hf: dict, key: str, where: str, default=None):
 
 def model_config_from_hf(hf: dict, where: str) -> tuple[model_config.ModelConfig, int]:
   """(ModelConfig, max_position_embeddings); ValueError naming the first field k2jax lacks."""
+
   def unsupported(key, value, need):
     raise ValueError(f'{where}: {key}={value!r} is not supported by k2jax (needs {need})')
 
@@ -145,9 +168,15 @@ def model_config_from_hf(hf: dict, where: str) -> tuple[model_config.ModelConfig
     unsupported('model_type', hf.get('model_type'), "'llama'")
   if hf.get('architectures') not in (None, ['LlamaForCausalLM']):
     unsupported('architectures', hf['architectures'], "['LlamaForCausalLM']")
-  checks = (('hidden_act', 'silu'), ('attention_bias', False), ('mlp_bias', False),
-            ('tie_word_embeddings', False), ('pretraining_tp', 1), ('rope_scaling', None),
-            ('quantization_config', None))
+  checks = (
+    ('hidden_act', 'silu'),
+    ('attention_bias', False),
+    ('mlp_bias', False),
+    ('tie_word_embeddings', False),
+    ('pretraining_tp', 1),
+    ('rope_scaling', None),
+    ('quantization_config', None),
+  )
   for key, value in checks:
     if hf.get(key, value) != value:  # absent means Llama's default, which is k2jax's
       unsupported(key, hf[key], repr(value))
@@ -159,16 +188,21 @@ def model_config_from_hf(hf: dict, where: str) -> tuple[model_config.ModelConfig
   heads = _field(hf, 'num_attention_heads', where)
   hidden = _field(hf, 'hidden_size', where)
   if hf.get('head_dim') is None and hidden % heads:
-    raise ValueError(f'{where}: no head_dim, and hidden_size={hidden} is not a multiple of '
-                     f'num_attention_heads={heads}')
+    raise ValueError(
+      f'{where}: no head_dim, and hidden_size={hidden} is not a multiple of '
+      f'num_attention_heads={heads}'
+    )
   fields = dict(
-      vocab_size=_field(hf, 'vocab_size', where), hidden_size=hidden,
-      ffn_size=_field(hf, 'intermediate_size', where),
-      num_layers=_field(hf, 'num_hidden_layers', where), num_heads=heads,
-      num_kv_heads=_field(hf, 'num_key_value_heads', where, heads),
-      head_dim=_field(hf, 'head_dim', where, hidden // heads),
-      rope_base=float(rope.get('rope_theta') or _field(hf, 'rope_theta', where, 1e4)),
-      norm_eps=float(_field(hf, 'rms_norm_eps', where, 1e-6)))
+    vocab_size=_field(hf, 'vocab_size', where),
+    hidden_size=hidden,
+    ffn_size=_field(hf, 'intermediate_size', where),
+    num_layers=_field(hf, 'num_hidden_layers', where),
+    num_heads=heads,
+    num_kv_heads=_field(hf, 'num_key_value_heads', where, heads),
+    head_dim=_field(hf, 'head_dim', where, hidden // heads),
+    rope_base=float(rope.get('rope_theta') or _field(hf, 'rope_theta', where, 1e4)),
+    norm_eps=float(_field(hf, 'rms_norm_eps', where, 1e-6)),
+  )
   try:
     cfg = model_config.ModelConfig(**fields)
   except ValueError as error:
@@ -176,8 +210,15 @@ def model_config_from_hf(hf: dict, where: str) -> tuple[model_config.ModelConfig
   return cfg, int(_field(hf, 'max_position_embeddings', where, 4096))
 
 
-SHAPE_FIELDS = ('vocab_size', 'hidden_size', 'ffn_size', 'num_layers', 'num_heads',
-                'num_kv_heads', 'head_dim')
+SHAPE_FIELDS = (
+  'vocab_size',
+  'hidden_size',
+  'ffn_size',
+  'num_layers',
+  'num_heads',
+  'num_kv_heads',
+  'head_dim',
+)
 
 
 def _preset_of(cfg: model_config.ModelConfig) -> str:
@@ -186,6 +227,7 @@ def _preset_of(cfg: model_config.ModelConfig) -> str:
 
 
 # --- the JSON files of an HF folder --------------------------------------------------------
+
 
 def _read_json(path: str):
   if not os.path.isfile(path):
@@ -200,4 +242,3 @@ def _read_json(path: str):
 def _write_json(path: str, value):
   with open(path, 'w', encoding='utf-8') as f:
     f.write(json.dumps(value, indent=2, ensure_ascii=False) + '\n')
-

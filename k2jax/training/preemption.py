@@ -36,11 +36,13 @@ class StopRequests:
     if self._requested and signum == signal.SIGINT:
       raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the final save
     self._requested = signal.Signals(signum).name
-    self._announce(f'{self._requested} received: stopping after this step '
-                   '(Ctrl-C again to stop at once)')
+    self._announce(
+      f'{self._requested} received: stopping after this step (Ctrl-C again to stop at once)'
+    )
 
   def should_stop(self, step: int) -> bool:
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
+
       return multihost_utils.reached_preemption_sync_point(step)
     return bool(self._requested)

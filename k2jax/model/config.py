@@ -19,7 +19,9 @@ class ModelConfig:
   ffn_size: int  # SwiGLU inner width ("mlp")
   num_layers: int
   num_heads: int
-  num_kv_heads: int  # grouped-query attention: each KV head serves num_heads // num_kv_heads queries
+  num_kv_heads: (
+    int  # grouped-query attention: each KV head serves num_heads // num_kv_heads queries
+  )
   head_dim: int
   rope_base: float = 5e5
   norm_eps: float = 1e-5
@@ -31,22 +33,32 @@ class ModelConfig:
   attention: str = 'xla'  # attention backend, see attention.BACKENDS
 
   def __post_init__(self):
-    for name in ('vocab_size', 'hidden_size', 'ffn_size', 'num_layers', 'num_heads',
-                 'num_kv_heads', 'head_dim'):
+    for name in (
+      'vocab_size',
+      'hidden_size',
+      'ffn_size',
+      'num_layers',
+      'num_heads',
+      'num_kv_heads',
+      'head_dim',
+    ):
       value = getattr(self, name)
       if not isinstance(value, int) or value <= 0:
         raise ValueError(f'model.{name} must be a positive integer, got {value!r}')
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(f'model.num_heads={self.num_heads} is not a multiple of '
-                       f'model.num_kv_heads={self.num_kv_heads}')
+      raise ValueError(
+        f'model.num_heads={self.num_heads} is not a multiple of '
+        f'model.num_kv_heads={self.num_kv_heads}'
+      )
     if self.head_dim % 2:
       raise ValueError(f'model.head_dim={self.head_dim} must be even for rotary embeddings')
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f'model.remat={self.remat!r} is not one of {"|".join(REMAT_POLICIES)}')
     for name in ('dtype', 'param_dtype'):
       if getattr(self, name) not in ('float32', 'bfloat16', 'float16'):
-        raise ValueError(f'model.{name}={getattr(self, name)!r} is not one of '
-                         'float32|bfloat16|float16')
+        raise ValueError(
+          f'model.{name}={getattr(self, name)!r} is not one of float32|bfloat16|float16'
+        )
 
   @property
   def compute_dtype(self):
@@ -89,18 +101,46 @@ class ModelConfig:
 REMAT_POLICIES = ('none', 'full', 'save_dots')
 
 PRESETS = {
-    # Trains on a CPU in seconds; every dim divisible by 8 so all test meshes apply.
-    'debug': dict(vocab_size=2048, hidden_size=256, ffn_size=768, num_layers=4, num_heads=8,
-                  num_kv_heads=4, head_dim=32),
-    # ~0.9B non-embedding parameters, K2-V2's proportions (FFN 3.5x, head dim 128, 8 KV heads).
-    '1b': dict(vocab_size=K2V2_VOCAB, hidden_size=2048, ffn_size=7168, num_layers=16,
-               num_heads=16, num_kv_heads=8, head_dim=128),
-    # ~7B non-embedding parameters.
-    '7b': dict(vocab_size=K2V2_VOCAB, hidden_size=4096, ffn_size=14336, num_layers=32,
-               num_heads=32, num_kv_heads=8, head_dim=128),
-    # K2-V2 70B (K2V2.md, "Model").
-    'k2v2_70b': dict(vocab_size=K2V2_VOCAB, hidden_size=8192, ffn_size=28672, num_layers=80,
-                     num_heads=64, num_kv_heads=8, head_dim=128),
+  # Trains on a CPU in seconds; every dim divisible by 8 so all test meshes apply.
+  'debug': dict(
+    vocab_size=2048,
+    hidden_size=256,
+    ffn_size=768,
+    num_layers=4,
+    num_heads=8,
+    num_kv_heads=4,
+    head_dim=32,
+  ),
+  # ~0.9B non-embedding parameters, K2-V2's proportions (FFN 3.5x, head dim 128, 8 KV heads).
+  '1b': dict(
+    vocab_size=K2V2_VOCAB,
+    hidden_size=2048,
+    ffn_size=7168,
+    num_layers=16,
+    num_heads=16,
+    num_kv_heads=8,
+    head_dim=128,
+  ),
+  # ~7B non-embedding parameters.
+  '7b': dict(
+    vocab_size=K2V2_VOCAB,
+    hidden_size=4096,
+    ffn_size=14336,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+  ),
+  # K2-V2 70B (K2V2.md, "Model").
+  'k2v2_70b': dict(
+    vocab_size=K2V2_VOCAB,
+    hidden_size=8192,
+    ffn_size=28672,
+    num_layers=80,
+    num_heads=64,
+    num_kv_heads=8,
+    head_dim=128,
+  ),
 }
 
 
