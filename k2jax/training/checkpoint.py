@@ -272,6 +272,18 @@ class Checkpoints:
     self._manager.close()
 
 
+def read_run_config(step_dir: str) -> dict:
+  """The run config saved with a checkpoint step (its `config/` item), as a dict: the one
+  reader that training, conversion, generation and evaluation share."""
+  path = os.path.join(step_dir, 'config')
+  if not os.path.isdir(path):
+    raise FileNotFoundError(
+      f'checkpoint {step_dir} has no config/ item (the run config that names the model, '
+      'its RoPE base and sequence length)'
+    )
+  return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path)
+
+
 # --- init_from: the parameters of another run ---------------------------------------------
 
 
