@@ -27,7 +27,7 @@ import time
 from absl import flags
 from ml_collections import config_flags
 
-from k2jax import run_config
+from k2jax import errors, run_config
 
 DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
 
@@ -206,7 +206,6 @@ def plan(cfg) -> dict:
       'total': params_bytes + opt_bytes + step_bytes,
     },
     'batch_bytes_per_device': batch_bytes,
-    'compiled': True,
     'lower_seconds': lower_seconds,
     'compile_seconds': compile_seconds,
     'memory_per_device': memory,  # XLA's figures for the compiled step, per device
@@ -296,10 +295,10 @@ def main(argv=None) -> dict:
   values = _define_flags(argv)
   rest = run_config.parse_flags(values, argv)
   if len(rest) > 1:
-    run_config.fail(f'unexpected arguments: {" ".join(rest[1:])}')
+    errors.fail(f'unexpected arguments: {" ".join(rest[1:])}')
   cfg = values.config
   if cfg is None:
-    run_config.fail('--config=configs/<stage>.py[:args] is required')
+    errors.fail('--config=configs/<stage>.py[:args] is required')
   spec = run_config.config_spec_from_argv(argv)
   try:
     if values.mesh:
@@ -309,7 +308,7 @@ def main(argv=None) -> dict:
       simulate_devices(values.devices)
     result = plan(cfg)
   except ValueError as error:  # --mesh, --devices, PlanError: say which, no traceback
-    run_config.fail(str(error))
+    errors.fail(str(error))
   if values.output == 'json':
     print(json.dumps({'config': spec, **result}))
   else:

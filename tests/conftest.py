@@ -29,6 +29,14 @@ if _CACHE:
 from tests import helpers  # noqa: E402  (after the environment above)
 
 
+def pytest_configure(config):
+  config.addinivalue_line(
+    'markers',
+    'slow: end-to-end cases (several processes, SIGKILL, the 70B compile); `make test-fast` '
+    'leaves them out, `make test` and CI run them',
+  )
+
+
 def _shared_dir(tmp_path_factory):
   """A directory all xdist workers of this session share (each worker has its own basetemp)."""
   base = tmp_path_factory.getbasetemp()

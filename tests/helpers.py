@@ -60,3 +60,106 @@ def require_oracle(module: str):
     except ImportError as error:
       pytest.fail(f'CI needs the test oracle {module!r} (pip install -e .[dev]): {error}')
   return pytest.importorskip(module)
+
+
+# --- models and checkpoints without training (test_model, test_generate, test_evaluate) ------
+
+
+def _tiny():
+  from k2jax.model.config import ModelConfig
+
+  return ModelConfig(
+    vocab_size=128,
+    hidden_size=64,
+    ffn_size=160,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    dtype='float32',
+    remat='none',
+  )
+
+
+TINY = _tiny()  # a 2-layer GQA model in float32, small enough to compile in seconds
+
+
+def random_params(cfg, seed=0, std=0.05):
+  """Host parameters drawn with numpy: no init to compile. Norm scales get noise too."""
+  import flax.linen as nn
+  import jax
+  import numpy as np
+
+  from k2jax.model.transformer import Transformer
+  from k2jax.training import train_step
+
+  rng = np.random.default_rng(seed)
+  abstract = nn.unbox(train_step.abstract_params(Transformer(cfg), 1))
+  return jax.tree.map(lambda a: rng.normal(0.0, std, a.shape).astype(np.float32), abstract)
+
+
+def hf_to_params(hf_model, cfg):
+  """HF LlamaForCausalLM weights as k2jax's parameter tree through k2jax.hf.schema's map (the
+  one conversion uses), inverted: param = hf.reshape(permuted shape).transpose(argsort(perm)),
+  w - 1 for norms."""
+  import numpy as np
+  from flax import traverse_util
+
+  from k2jax.hf import schema
+
+  state = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
+  shapes, _ = schema.param_shapes(cfg)
+
+  def load(spec, inner, name):
+    w = state[name].reshape([inner[p] for p in spec.perm]).transpose(np.argsort(spec.perm))
+    return w - 1.0 if spec.norm else w
+
+  flat = {}
+  for path, spec in schema.TENSORS.items():
+    inner = schema.layer_shape(path, shapes[path].shape)
+    flat[path] = (
+      np.stack([load(spec, inner, spec.hf.format(i)) for i in range(cfg.num_layers)])
+      if path.startswith(schema.LAYER_PREFIX)
+      else load(spec, inner, spec.hf)
+    )
+  return traverse_util.unflatten_dict(flat, sep='/')
+
+
+class _NoData:
+  def get_state(self):
+    return {}
+
+
+def make_checkpoint(workdir, edit_params=None, tokenizer=None):
+  """A step-2 checkpoint of the debug pre-training stage (2 layers), without training; its run
+  config names the demo SentencePiece tokenizer, or `tokenizer` ('' for none).
+  `edit_params(params) -> params` changes the (host) parameters before they are saved.
+  Returns the run config."""
+  import jax
+  import jax.numpy as jnp
+
+  from k2jax import run_config
+  from k2jax.training import checkpoint, train_step
+
+  cfg = run_config.load(os.path.join(REPO, 'configs/pretrain.py:debug'))
+  cfg.model.num_layers = 2
+  cfg.data.seq_len = 64
+  cfg.data.global_batch_size = 8
+  cfg.total_steps = 2
+  cfg.optim.warmup_steps = 1
+  cfg.checkpoint.every = 2
+  cfg.mesh.data = 1  # one device: Orbax then saves without compiling per-array copies
+  if tokenizer is not None:
+    cfg.data.tokenizer = tokenizer
+  plan = train_step.plan(cfg, jax.devices()[:1])
+  params = random_params(plan.model_cfg, std=0.02)
+  if edit_params is not None:
+    params = edit_params(params)
+  params = jax.device_put(params, plan.state_sharding.params)
+  state = train_step.TrainState(
+    step=jnp.asarray(2, jnp.int32), params=params, opt_state=plan.tx.init(params)
+  )
+  checkpoints = checkpoint.Checkpoints(str(workdir), cfg)
+  checkpoints.save(2, state, _NoData(), final=True)
+  checkpoints.close()
+  return cfg

@@ -7,25 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
 
-from k2jax.hf import schema as hf_format
 from k2jax.model import config as model_config
-from k2jax.model.config import ModelConfig
 from k2jax.model.transformer import Transformer
 from k2jax.training import train_step
-
-TINY = ModelConfig(
-  vocab_size=128,
-  hidden_size=64,
-  ffn_size=160,
-  num_layers=2,
-  num_heads=4,
-  num_kv_heads=2,
-  head_dim=16,
-  dtype='float32',
-  remat='none',
-)
+from tests.helpers import TINY, hf_to_params, require_oracle
 
 
 def init_params(cfg, seed=0, length=16):
@@ -34,32 +20,10 @@ def init_params(cfg, seed=0, length=16):
   return init(jax.random.key(seed))
 
 
-def hf_to_params(hf_model, cfg):
-  """HF LlamaForCausalLM weights as k2jax's parameter tree through hf_format's map (the one
-  convert uses), inverted: param = hf.reshape(permuted shape).transpose(argsort(perm)), w - 1
-  for norms."""
-  state = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
-  shapes, _ = hf_format._param_shapes(cfg)
-
-  def load(spec, inner, name):
-    w = state[name].reshape([inner[p] for p in spec.perm]).transpose(np.argsort(spec.perm))
-    return w - 1.0 if spec.norm else w
-
-  flat = {}
-  for path, spec in hf_format.TENSORS.items():
-    inner = hf_format._inner(path, shapes[path].shape)
-    flat[path] = (
-      np.stack([load(spec, inner, spec.hf.format(i)) for i in range(cfg.num_layers)])
-      if path.startswith(hf_format.LAYER_PREFIX)
-      else load(spec, inner, spec.hf)
-    )
-  return traverse_util.unflatten_dict(flat, sep='/')
-
-
 @pytest.mark.parametrize('num_kv_heads,rope_base', [(4, 1e4), (2, 5e5), (1, 1e7)])
 def test_logits_match_hf_llama(num_kv_heads, rope_base):
-  torch = pytest.importorskip('torch')
-  transformers = pytest.importorskip('transformers')
+  torch = require_oracle('torch')
+  transformers = require_oracle('transformers')
   cfg = dataclasses.replace(TINY, num_kv_heads=num_kv_heads, rope_base=rope_base)
   hf_config = transformers.LlamaConfig(
     vocab_size=cfg.vocab_size,

@@ -3,7 +3,7 @@
 Owns `SafetensorsShards` (preallocated, memory-mapped shards that to-hf fills chunk by chunk),
 `hf_weights` (which file holds each tensor of an HF folder; refuses pickles) and `HFReader`
 (boxes of k2jax parameters read from slices, for from-hf). This is what bounds host memory at
-any model size; where each tensor goes is k2jax.hf_format's.
+any model size; where each tensor goes is k2jax.hf.schema's.
 """
 
 import contextlib
@@ -18,11 +18,11 @@ from k2jax.hf.schema import (
   IGNORED_HF,
   LAYER_PREFIX,
   TENSORS,
-  _fancy,
-  _inner,
-  _read_json,
   hf_index,
   hf_shape,
+  layer_shape,
+  numpy_index,
+  read_json,
 )
 
 # --- writing: to-hf -----------------------------------------------------------------------
@@ -80,7 +80,7 @@ class SafetensorsShards:
       self.total_bytes += offset
 
   def write(self, name: str, index, values):
-    self._views[name][_fancy(index)] = values.astype(self._dtype)
+    self._views[name][numpy_index(index)] = values.astype(self._dtype)
 
   def release(self):
     """Flushes written pages and drops them from this process (they stay in the file)."""
@@ -104,7 +104,7 @@ def hf_weights(hf_dir: str) -> dict[str, str]:
   """{tensor name: safetensors file} of an HF folder; refuses pickles."""
   index_path = os.path.join(hf_dir, 'model.safetensors.index.json')
   if os.path.isfile(index_path):
-    weight_map = _read_json(index_path).get('weight_map')
+    weight_map = read_json(index_path).get('weight_map')
     if not isinstance(weight_map, dict):
       raise ValueError(f'{index_path} has no "weight_map" object')
     for filename in sorted(set(weight_map.values())):
@@ -151,7 +151,7 @@ class HFReader:
         raise ValueError(f'{self._dir}: tensor {name} is missing{where}')
       tensor = self._files[filename].get_slice(name)
       want, got = (
-        hf_shape(TENSORS[path], _inner(path, shapes[path].shape)),
+        hf_shape(TENSORS[path], layer_shape(path, shapes[path].shape)),
         tuple(tensor.get_shape()),
       )
       if got != want:
@@ -189,7 +189,7 @@ class HFReader:
     values = self._files[self._weights[name]].get_slice(name)[bounds]
     if not all(isinstance(i, slice) for i in index):
       values = values[
-        _fancy(
+        numpy_index(
           tuple(
             slice(0, b.stop - b.start) if isinstance(i, slice) else i - b.start
             for i, b in zip(index, bounds)

@@ -3,7 +3,7 @@
 Owns the one map both conversion directions read (`TENSORS`: HF name, axis permutation and
 grouping, the (1+w) norm offset), the arithmetic that places a box of a k2jax parameter in its
 HF tensor, and config.json in both directions. Nothing here reads or writes weights: that is
-k2jax.safetensors_io (files) and k2jax.convert (Orbax checkpoints), so the map can change in
+k2jax.hf.safetensors_io (files) and k2jax.hf.convert (Orbax checkpoints), so the map can change in
 one place and be tested without either.
 """
 
@@ -76,7 +76,9 @@ def hf_index(spec: Tensor, box, shape):
   return tuple(index)
 
 
-def _fancy(index):
+def numpy_index(index):
+  """An HF position from hf_index as numpy indexes it: the slices as they are, or an open mesh
+  (np.ix_) when any axis is an index array."""
   if all(isinstance(i, slice) for i in index):
     return index
   return np.ix_(*[np.arange(i.start, i.stop) if isinstance(i, slice) else i for i in index])
@@ -87,7 +89,7 @@ def hf_entries(cfg: model_config.ModelConfig, params) -> list[tuple[str, str]]:
   if set(params) != set(TENSORS):
     raise NotImplementedError(
       f'k2jax parameters {sorted(set(params) ^ set(TENSORS))} are not '
-      'both in the model and in hf_format.TENSORS: update the map'
+      'both in the model and in k2jax.hf.schema.TENSORS: update the map'
     )
   layered = [path for path in TENSORS if path.startswith(LAYER_PREFIX)]
   return (
@@ -97,7 +99,7 @@ def hf_entries(cfg: model_config.ModelConfig, params) -> list[tuple[str, str]]:
   )
 
 
-def _param_shapes(cfg: model_config.ModelConfig):
+def param_shapes(cfg: model_config.ModelConfig):
   """({path: ShapeDtypeStruct}, boxed abstract tree) of the k2jax parameters, unallocated."""
   import flax.linen as nn
   import jax
@@ -111,7 +113,7 @@ def _param_shapes(cfg: model_config.ModelConfig):
   return {sharding.path_name(p): a for p, a in flat}, boxed
 
 
-def _inner(path: str, shape) -> tuple[int, ...]:
+def layer_shape(path: str, shape) -> tuple[int, ...]:
   """One layer's shape of a stacked parameter (the shape itself otherwise)."""
   return tuple(shape[1:] if path.startswith(LAYER_PREFIX) else shape)
 
@@ -221,7 +223,8 @@ SHAPE_FIELDS = (
 )
 
 
-def _preset_of(cfg: model_config.ModelConfig) -> str:
+def preset_of(cfg: model_config.ModelConfig) -> str:
+  """The name of the preset with `cfg`'s shape ('debug' when none has it)."""
   shape = {f: getattr(cfg, f) for f in SHAPE_FIELDS}
   return next((name for name, p in model_config.PRESETS.items() if p == shape), 'debug')
 
@@ -229,16 +232,18 @@ def _preset_of(cfg: model_config.ModelConfig) -> str:
 # --- the JSON files of an HF folder --------------------------------------------------------
 
 
-def _read_json(path: str):
+def read_json(path: str):
+  """A JSON file's value; FileNotFoundError or ValueError (`path: not valid JSON`) naming it."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path} is missing')
   try:
     with open(path, encoding='utf-8') as f:
       return json.load(f)
   except (UnicodeDecodeError, json.JSONDecodeError) as error:
-    raise ValueError(f'{path} is not valid JSON: {error}') from None
+    raise ValueError(f'{path}: not valid JSON ({error})') from None
 
 
-def _write_json(path: str, value):
+def write_json(path: str, value):
+  """`value` as indented UTF-8 JSON with a final newline."""
   with open(path, 'w', encoding='utf-8') as f:
     f.write(json.dumps(value, indent=2, ensure_ascii=False) + '\n')

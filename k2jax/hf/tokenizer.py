@@ -1,15 +1,58 @@
-"""The tokenizer files of an exported HF folder, with a chat template that matches training.
+"""The tokenizer files of an HF folder, with a chat template that matches training.
 
 Owns `CHAT_TEMPLATE`, data_pipeline/chat.py's rendering (reasoning_effort, tool calls) written
-as Jinja, and `export_tokenizer`, which writes what AutoTokenizer loads. Kept apart from the
-weights because it changes with the chat format, not with the model.
+as Jinja; `export_tokenizer`, which writes what AutoTokenizer loads (to-hf); `import_tokenizer`,
+which copies an HF folder's tokenizer files beside a converted checkpoint (from-hf); and
+`tokenizer_file`, the file a tokenizer path names (a folder holds `tokenizer.json` or
+`tokenizer.model`). Kept apart from the weights because it changes with the chat format, not
+with the model.
 """
 
 import contextlib
 import os
 import shutil
 
-from k2jax.hf.schema import _read_json, _write_json
+from k2jax.hf.schema import read_json, write_json
+
+# The tokenizer files of an HF folder, the first found in this order is the tokenizer: a fast
+# tokenizer's tokenizer.json (K2-V2's), else a SentencePiece tokenizer.model (what to-hf writes
+# for a .model, and what Llama-style folders without tokenizer.json hold).
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer.model')
+# Copied beside them by from-hf: the special tokens and the chat template (data, never code).
+TOKENIZER_CONFIG_FILES = ('tokenizer_config.json', 'special_tokens_map.json')
+# Where from-hf puts the tokenizer in a converted checkpoint (beside params/ and config/).
+CHECKPOINT_TOKENIZER_DIR = 'tokenizer'
+
+
+def tokenizer_file(path: str) -> str:
+  """The tokenizer file `path` names: a file as is; a folder's tokenizer.json, else its
+  tokenizer.model. FileNotFoundError naming the path when there is none."""
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    for name in TOKENIZER_FILES:
+      if os.path.isfile(os.path.join(path, name)):
+        return os.path.join(path, name)
+    raise FileNotFoundError(
+      f'tokenizer folder {path} holds neither {" nor ".join(TOKENIZER_FILES)}'
+    )
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'tokenizer {path} does not exist')
+  return path
+
+
+def import_tokenizer(hf_dir: str, out_dir: str) -> str | None:
+  """Copies the tokenizer files of an HF folder into `out_dir` (created); returns the copied
+  tokenizer file, or None when the folder has none (nothing is created then)."""
+  try:
+    source = tokenizer_file(hf_dir)
+  except FileNotFoundError:
+    return None
+  os.makedirs(out_dir)
+  for name in (os.path.basename(source), *TOKENIZER_CONFIG_FILES):
+    if os.path.isfile(os.path.join(hf_dir, name)):
+      shutil.copyfile(os.path.join(hf_dir, name), os.path.join(out_dir, name))
+  return os.path.join(out_dir, os.path.basename(source))
+
 
 # --- the tokenizer and its chat template --------------------------------------------------
 
@@ -67,7 +110,7 @@ def export_tokenizer(src: str, out_dir: str, max_length: int, vocab_size: int) -
   """
   from data_pipeline import tokenizer as tokenizers
 
-  tok = tokenizers.load_tokenizer(src)
+  tok = tokenizers.load_tokenizer(tokenizer_file(src))
   if tok.vocab_size > vocab_size:
     raise ValueError(
       f"--tokenizer={src} has {tok.vocab_size} tokens, more than the model's "
@@ -99,7 +142,7 @@ def export_tokenizer(src: str, out_dir: str, max_length: int, vocab_size: int) -
     shutil.copyfile(tok.path, os.path.join(out_dir, tokenizers.HF_TOKENIZER_FILE))
     config_path = os.path.join(os.path.dirname(tok.path), tokenizers.HF_CONFIG_FILE)
     config = (
-      _read_json(config_path)
+      read_json(config_path)
       if os.path.isfile(config_path)
       else {'tokenizer_class': 'PreTrainedTokenizerFast'}
     )
@@ -108,7 +151,7 @@ def export_tokenizer(src: str, out_dir: str, max_length: int, vocab_size: int) -
   config.update(
     chat_template=CHAT_TEMPLATE, model_max_length=max_length, clean_up_tokenization_spaces=False
   )
-  _write_json(os.path.join(out_dir, tokenizers.HF_CONFIG_FILE), config)
+  write_json(os.path.join(out_dir, tokenizers.HF_CONFIG_FILE), config)
   eos = [tok.eos_id]
   with contextlib.suppress(KeyError):  # chat models stop at <|im_end|> too
     eos.append(tok.special_token_id('<|im_end|>'))
@@ -116,3 +159,17 @@ def export_tokenizer(src: str, out_dir: str, max_length: int, vocab_size: int) -
   if tok.pad_id >= 0:
     ids['pad_token_id'] = tok.pad_id
   return ids
+
+
+def checkpoint_tokenizer(step_dir: str, run: dict) -> str | None:
+  """The tokenizer a checkpoint names: its run config's `data.tokenizer`, or, when that is
+  unset or no longer exists, the tokenizer/ folder from-hf copied beside params/ (a converted
+  checkpoint that was moved). A named path that is gone is returned as is, for the caller to
+  report; None when nothing is named."""
+  named = (run.get('data') or {}).get('tokenizer') or ''
+  own = os.path.join(step_dir, CHECKPOINT_TOKENIZER_DIR)
+  if named and os.path.exists(named):
+    return named
+  if os.path.isdir(own):
+    return own
+  return named or None

@@ -5,16 +5,73 @@ the same kinds of alert from inside the run. A webhook receives `{"text": "..."}
 the format of Slack's incoming webhooks (Mattermost, Discord's /slack endpoint and most chat
 tools accept it). Sending happens on a background thread and never raises: an alert that
 cannot be delivered is printed and the run goes on.
+
+A webhook URL is a credential (whoever holds it can post to the channel), so it is never
+written anywhere: `monitor.webhook_url` names an environment variable (`env:NAME`, the
+recommended form), and a URL given directly is used for the run but replaced by its redacted
+form (`https://host/<redacted>`) before the config reaches config.json, a checkpoint or W&B.
 """
 
 import json
+import os
 import queue
 import threading
 import time
+import urllib.parse
 import urllib.request
+
+ENV_PREFIX = 'env:'  # monitor.webhook_url=env:NAME reads the URL from $NAME
+REDACTED = '<redacted>'
 
 # The same kind of alert at most once per this many seconds (a NaN every step is one alert).
 _REPEAT_SECONDS = 600
+
+
+def webhook_url(setting: str) -> str | None:
+  """The URL that `monitor.webhook_url` stands for, or None when alerts are off.
+  Raises ValueError (naming the key, never the URL) when it cannot be used."""
+  if not setting:
+    return None
+  if setting.startswith(ENV_PREFIX):
+    name = setting[len(ENV_PREFIX) :]
+    if not name:
+      raise ValueError('monitor.webhook_url=env: names no environment variable (env:NAME)')
+    url = os.environ.get(name, '')
+    if not url:
+      raise ValueError(
+        f'monitor.webhook_url={setting}: the environment variable {name} is not set '
+        f'(export {name}=https://... on every host, or leave monitor.webhook_url empty)'
+      )
+    where = f'${name}'
+  elif REDACTED in setting:
+    raise ValueError(
+      f'monitor.webhook_url={setting} is a redacted URL from a saved config: give the '
+      'webhook again, as env:NAME with the URL in $NAME'
+    )
+  else:
+    url, where = setting, 'monitor.webhook_url'
+  if not url.startswith(('http://', 'https://')):
+    raise ValueError(f'{where} must hold an http(s) URL, got {redact(url)!r}')
+  return url
+
+
+def redact(setting: str) -> str:
+  """`monitor.webhook_url` as it may be saved: env:NAME as it is, a URL cut to its scheme
+  and host (enough to tell which service the alerts went to)."""
+  if not setting or setting.startswith(ENV_PREFIX) or REDACTED in setting:
+    return setting
+  parts = urllib.parse.urlsplit(setting)
+  if parts.scheme and parts.hostname:
+    return f'{parts.scheme}://{parts.hostname}/{REDACTED}'
+  return REDACTED
+
+
+def redacted_config(config: dict) -> dict:
+  """A run config (as a dict) safe to write anywhere: its webhook URL redacted."""
+  monitor = config.get('monitor') or {}
+  if not monitor.get('webhook_url'):
+    return config
+  return {**config, 'monitor': {**monitor, 'webhook_url': redact(monitor['webhook_url'])}}
 
 
 class Webhook:

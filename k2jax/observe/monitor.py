@@ -2,8 +2,9 @@
 
 Only process 0 writes. TensorBoard goes through tensorboardX, which needs no TensorFlow.
 Each record carries throughput: tokens/s, step time, MFU (model FLOPs per token, from
-k2jax/model_config.py, over `monitor.peak_tflops` per device: 989 for H100/H200 dense
-BF16) and the ETA. Alerts (k2jax/alerts.py) go to `monitor.webhook_url` when set.
+k2jax/model/config.py, over `monitor.peak_tflops` per device: 989 for H100/H200 dense
+BF16) and the ETA. Alerts (k2jax/observe/alerts.py) go to the webhook that
+`monitor.webhook_url` names, when set.
 
 `python -m k2jax.monitor WORKDIR` summarises a run and plots its curves (k2jax/observe/run_summary.py).
 """
@@ -44,9 +45,7 @@ def check_settings(monitor_cfg) -> None:
         'monitor.wandb_project is set but wandb is not installed '
         '(pip install wandb, or leave monitor.wandb_project empty)'
       ) from None
-  url = monitor_cfg.get('webhook_url', '')
-  if url and not url.startswith(('http://', 'https://')):
-    raise ValueError(f'monitor.webhook_url must be an http(s) URL, got {url!r}')
+  alerts.webhook_url(monitor_cfg.get('webhook_url', ''))  # set and usable, or raises
   if monitor_cfg.get('peak_tflops', 1) <= 0:
     raise ValueError(f'monitor.peak_tflops must be > 0, got {monitor_cfg.peak_tflops}')
 
@@ -92,11 +91,12 @@ class Monitor:
           name=run_name,
           id=run_name,
           resume='allow',
-          config=config,
+          config=alerts.redacted_config(config or {}),
           dir=workdir,
         )
-      if settings.get('webhook_url'):
-        self._webhook = alerts.Webhook(settings['webhook_url'], run_name, self.info)
+      url = alerts.webhook_url(settings.get('webhook_url', ''))
+      if url:
+        self._webhook = alerts.Webhook(url, run_name, self.info)
       if settings.get('stall_minutes'):
         self._watchdog = alerts.StallWatchdog(
           settings['stall_minutes'],
