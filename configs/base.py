@@ -26,17 +26,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every = 500  # steps between held-out evals (0: never)
   c.eval_batches = 8  # batches per held-out eval
   c.init_from = ''  # previous stage's workdir or step dir: its params start this stage ('' = fresh)
-  c.init_from_optimizer = (
-    False  # with init_from: also carry over Adam's moments (schedule restarts)
-  )
+  c.init_from_optimizer = False  # with init_from: also carry over Adam's moments
+  c.resume_schedule_change = False  # True: resume checkpoints under a changed LR schedule
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 500  # steps between async saves, and one at the end of the run (0: off)
   c.checkpoint.keep = 3  # newest checkpoints kept
   c.checkpoint.keep_every = 0  # also keep every step divisible by this forever (0: none)
-  c.checkpoint.every_minutes = (
-    0.0  # also save once this many minutes passed since the last (0: off)
-  )
+  c.checkpoint.every_minutes = 0.0  # also save when this many minutes passed (0: off)
 
   c.stability = ml_collections.ConfigDict()
   c.stability.spike_window = 100  # good steps whose loss mean / std define "normal"
@@ -47,14 +44,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.monitor = ml_collections.ConfigDict()
   c.monitor.peak_tflops = 989.0  # per device, the MFU denominator (H100/H200 dense BF16)
-  c.monitor.webhook_url = (
-    ''  # Slack-compatible webhook for crash/NaN/spike/stall alerts ('' = none)
-  )
+  c.monitor.webhook_url = ''  # alerts webhook: env:NAME reads it from $NAME; never saved
   c.monitor.stall_minutes = 30.0  # alert when no step finished for this long (0: off)
   c.monitor.wandb_project = ''  # also log to Weights & Biases (needs `pip install wandb`)
-  c.monitor.profile_steps = (
-    ''  # 'START:STOP': trace these steps with jax.profiler into <workdir>/profile
-  )
+  c.monitor.profile_steps = ''  # 'START:STOP': jax.profiler traces in <workdir>/profile
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # data-parallel degree (-1: all devices left over)

@@ -1,14 +1,15 @@
-"""K2-V2 mid-training on TxT360-Midas: four stages, 8K -> 512K context (K2V2.md, "Mid-training").
+"""K2-V2 mid-training on TxT360-Midas: four stages, 8K -> 512K context (docs/recipe.md).
 
-Each stage starts from the previous stage's checkpoint:
+Each stage starts from the previous stage's checkpoint. Stage 1 reads K2-V2's published mixture;
+stages 2-4 name no training data (their mixtures are not public): give each its folder with
+data.train_files, or a data-bank JSON with data.mixture, else the run stops saying so.
   python -m k2jax.train --config=configs/midtrain.py:stage1 --workdir=/ckpt/mid1 \
-      --config.init_from=/ckpt/pretrain --config.data.data_root=/data
+      --config.init_from=/ckpt/pretrain --config.data.data_root=/data \
+      --config.data.tokenizer=/models/k2-v2/tokenizer.json
   python -m k2jax.train --config=configs/midtrain.py:stage2 --workdir=/ckpt/mid2 \
-      --config.init_from=/ckpt/mid1 --config.data.train_files=/data/prepared/midas-stage2
-  python -m k2jax.train --config=configs/midtrain.py:stage3 --workdir=/ckpt/mid3 \
-      --config.init_from=/ckpt/mid2
-  python -m k2jax.train --config=configs/midtrain.py:stage4 --workdir=/ckpt/mid4 \
-      --config.init_from=/ckpt/mid3
+      --config.init_from=/ckpt/mid1 --config.data.train_files=/data/prepared/midas-stage2 \
+      --config.data.tokenizer=/models/k2-v2/tokenizer.json
+  (stage3 and stage4 likewise, from /ckpt/mid2 and /ckpt/mid3)
 CPU-sized variants keep each stage's RoPE base, schedule, packing and sequence degree, with a
 sequence 16x the pre-training debug length at stage 4 (stages 3-4 need 2 / 8 devices: set
 XLA_FLAGS=--xla_force_host_platform_device_count=8 on a CPU):

@@ -6,21 +6,27 @@
 One input file becomes one output shard, so the work spreads over worker processes and a
 rerun can skip what is done. The output directory:
 
-    prepare.json               what was asked for (inputs, tokenizer, format); a rerun must match
+    prepare.json               what was asked for (inputs, tokenizer, format) and the identity
+                               of the tokenizer file; a rerun must match
     shards/00042.array_record  the documents of input file 42, one record each
     shards/00042.json          its counts; written last, so it marks the shard as finished
-    manifest.json              totals per shard and overall, written when every shard is done
+    manifest.json              totals per shard and overall, the longest record (`max_tokens`),
+                               `max_len` and the tokenizer's identity (data_pipeline/tokenizer.py),
+                               written when every shard is done
 
 A shard is written to a temporary name and renamed when complete, and its counts file only
-after that: a killed run leaves at worst a temporary file, which the rerun replaces. A
-training run reads a prepared directory wherever it takes a data path (`data.train_files`,
-`data.eval_files`, a data bank entry) and needs the manifest, so it never reads a half-done
-preparation.
+after that: a killed run leaves at worst a temporary file, which the rerun replaces. A run
+that fails before any shard is finished (an input with no documents, say) removes what it
+created, and a directory holding no finished shard accepts a rerun that asks something
+else, so fixing the input and rerunning always works. A training run reads a prepared
+directory wherever it takes a data path (`data.train_files`, `data.eval_files`, a data bank
+entry) and needs the manifest, so it never reads a half-done preparation.
 
 Records (little-endian): a document's int32 token ids, followed for `--format=chat` by one
 uint8 per token, 1 where the token is a loss target (data_pipeline/chat.py). Text documents
 end with the EOD (eos) token, as the pipeline's on-the-fly path appends it. A conversation
-gives one record per assistant turn (K2-V2's SFT samples), cut to `--max_len` tokens.
+gives one record per assistant turn (K2-V2's SFT samples), cut to `--max_len` tokens; training
+cuts longer ones to `data.seq_len` on the right, as it does raw chat (data_pipeline/documents.py).
 """
 
 import argparse
@@ -29,6 +35,7 @@ import json
 import multiprocessing
 import os
 import random
+import shutil
 import sys
 import time
 
@@ -167,23 +174,61 @@ def _write_json(path: str, value) -> None:
   os.replace(temporary, path)
 
 
-def _check_request(output: str, request: Request) -> None:
-  """A rerun into an existing directory must have been asked the same thing."""
+def _check_inputs(request: Request) -> None:
+  """What can be told about the inputs without reading them, before the output is created."""
+  from data_pipeline import sources
+
+  if not request.inputs:
+    raise ValueError('--input matches no files')
+  for path in request.inputs:
+    # An empty file holds no document, which would stop the run at that shard (below).
+    if not sources.is_url(path) and os.path.getsize(path) == 0:
+      raise ValueError(f'{path}: the file is empty (no documents); remove it from --input')
+
+
+def _check_request(output: str, request: Request, identity: dict | None) -> bool:
+  """A rerun into a directory holding finished shards must have been asked the same thing,
+  with the same tokenizer file. Returns whether prepare.json was written by this call."""
   path = os.path.join(output, REQUEST)
   asked = dataclasses.asdict(request)
   asked['inputs'] = list(asked['inputs'])
   if os.path.exists(path):
     with open(path) as f:
-      before = json.load(f)
+      try:
+        before = json.load(f)
+      except json.JSONDecodeError:
+        before = {}  # cut off by a kill while written: checked below like any other change
     changed = sorted(k for k in asked if before.get(k) != asked[k])
-    if changed:
+    recorded = before.get('tokenizer_identity')  # absent: written before identities were kept
+    if not changed and recorded is not None and identity is not None and recorded != identity:
+      changed = [f'tokenizer file contents (the file at {request.tokenizer} has changed)']
+    if not changed:
+      return False
+    if _finished(output, len(before.get('inputs', []))):
       raise ValueError(
         f'{output} was prepared with different {", ".join(changed)} '
         f'(see {path}); use a new --output directory'
       )
-  else:
-    os.makedirs(os.path.join(output, 'shards'), exist_ok=True)
-    _write_json(path, asked)
+    # No shard was finished under the old request: nothing is lost by taking the new one.
+  os.makedirs(os.path.join(output, 'shards'), exist_ok=True)
+  _write_json(path, {**asked, 'tokenizer_identity': identity})
+  return True
+
+
+def _remove_unfinished(output: str, created_output: bool) -> None:
+  """After a failed run that finished no shard: remove what it created, so that the rerun
+  with fixed input starts from a clean slate."""
+  if created_output:
+    shutil.rmtree(output, ignore_errors=True)
+    return
+  shards = os.path.join(output, 'shards')
+  for name in os.listdir(shards) if os.path.isdir(shards) else []:
+    if name.endswith('.tmp'):
+      os.remove(os.path.join(shards, name))
+  if os.path.isdir(shards) and not os.listdir(shards):
+    os.rmdir(shards)
+  if os.path.exists(os.path.join(output, REQUEST)):
+    os.remove(os.path.join(output, REQUEST))
 
 
 def _finished(output: str, n: int) -> dict[int, dict]:
@@ -207,16 +252,57 @@ def prepare(request: Request, output: str, workers: int = 1, progress: bool = Tr
 
   if request.format not in FORMATS:
     raise ValueError(f'--format must be one of {"|".join(FORMATS)}, got {request.format!r}')
-  tokenizer = load_tokenizer(request.tokenizer)  # fail on a bad tokenizer before any work
-  _check_request(output, request)
+  if request.max_len < 0:
+    raise ValueError(f'--max_len must be >= 0 (0: no limit), got {request.max_len}')
+  # Everything that can be checked without reading the inputs, before the output exists.
+  tokenizer = load_tokenizer(request.tokenizer)
+  identity = tokenizer.identity()
+  _check_inputs(request)
+  created_output = not os.path.exists(output)
+  created_request = _check_request(output, request, identity)
   done = _finished(output, len(request.inputs))
+  try:
+    _prepare_shards(request, output, workers, progress, done)
+  except BaseException as error:
+    finished = len(_finished(output, len(request.inputs)))
+    if not finished:
+      if created_request:
+        _remove_unfinished(output, created_output)
+      raise
+    if isinstance(error, (ValueError, FileNotFoundError)):
+      raise type(error)(
+        f'{error} ({finished} finished shard(s) kept in {output}: rerun the same command once '
+        'the file is fixed in place to resume, or use a new --output for other inputs)'
+      ) from None
+    raise
+  shards = [done[i] for i in range(len(request.inputs))]
+  manifest = {
+    'version': RECORD_VERSION,
+    'format': request.format,
+    'target_mask': request.format == 'chat',
+    'eod_appended': request.format == 'text',
+    'tokenizer': request.tokenizer,
+    'tokenizer_identity': identity,
+    'vocab_size': tokenizer.vocab_size,
+    'max_len': request.max_len,  # the cut asked for (0: none)
+    'max_tokens': max((s.get('max_tokens', 0) for s in shards), default=0),  # the longest record
+    'documents': sum(s['documents'] for s in shards),
+    'tokens': sum(s['tokens'] for s in shards),
+    'shards': shards,
+  }
+  _write_json(os.path.join(output, MANIFEST), manifest)
+  return manifest
+
+
+def _prepare_shards(request: Request, output: str, workers: int, progress: bool, done: dict):
+  """Prepares the shards not in `done`, adding each one's counts to `done` as it finishes."""
   todo = [i for i in range(len(request.inputs)) if i not in done]
   bar = _progress_bar(len(request.inputs), len(done), progress)
   start = time.perf_counter()
   new_tokens = 0
-  if todo:
-    tasks = [(request, output, i) for i in todo]
-    if workers > 1:
+  tasks = [(request, output, i) for i in todo]
+  try:
+    if workers > 1 and len(todo) > 1:
       # spawn: a fork would copy whatever threads the parent holds (JAX, tokenizers).
       with multiprocessing.get_context('spawn').Pool(min(workers, len(todo))) as pool:
         for index, counts in pool.imap_unordered(_run_shard, tasks):
@@ -229,21 +315,8 @@ def prepare(request: Request, output: str, workers: int = 1, progress: bool = Tr
         done[index] = counts
         new_tokens += counts['tokens']
         _advance(bar, new_tokens, start)
-  bar.close()
-  shards = [done[i] for i in range(len(request.inputs))]
-  manifest = {
-    'version': RECORD_VERSION,
-    'format': request.format,
-    'target_mask': request.format == 'chat',
-    'eod_appended': request.format == 'text',
-    'tokenizer': request.tokenizer,
-    'vocab_size': tokenizer.vocab_size,
-    'documents': sum(s['documents'] for s in shards),
-    'tokens': sum(s['tokens'] for s in shards),
-    'shards': shards,
-  }
-  _write_json(os.path.join(output, MANIFEST), manifest)
-  return manifest
+  finally:
+    bar.close()
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
@@ -290,6 +363,9 @@ def main(argv=None) -> int:
 
   try:
     inputs = tuple(sources.match_files(args.input))
+    if not args.tokenizer.strip():
+      # Left as is, abspath('') would name the current folder.
+      raise ValueError('--tokenizer is empty: give the tokenizer to prepare with')
     request = Request(
       inputs=inputs,
       tokenizer=os.path.abspath(args.tokenizer),

@@ -2,8 +2,13 @@
 
 K2-V2 ships an HF `tokenizer.json`; the demo has both a SentencePiece `.model`
 and a small byte-level BPE `tokenizer.json`. `load_tokenizer(path)` picks the
-implementation: a `.model` file is SentencePiece, a `*.json` file (or an HF
-model folder holding `tokenizer.json`) goes through the `tokenizers` library.
+implementation: a `.model` file is SentencePiece, a `*.json` file goes through the
+`tokenizers` library, and an HF model folder means its `tokenizer.json` or, failing
+that, its `tokenizer.model` (what a SentencePiece-based HF folder holds).
+
+`identity()` says which tokenizer gave a sequence of ids: the sha256 of its file and its
+vocabulary size and bos / eos / pad ids. data_pipeline.prepare records it in the manifest,
+and training refuses prepared data whose identity differs from `data.tokenizer`'s.
 
 Conventions (K2-V2): bos id 0, eos id 1; `encode` never adds bos/eos, the
 pipeline decides where they go. The chat and reasoning-effort tags are single
@@ -11,6 +16,7 @@ tokens (see SPECIAL_TOKENS).
 """
 
 import abc
+import hashlib
 import json
 import os
 
@@ -24,6 +30,8 @@ NO_PAD_ID = -1
 
 HF_TOKENIZER_FILE = 'tokenizer.json'
 HF_CONFIG_FILE = 'tokenizer_config.json'
+# What a SentencePiece-based HF model folder holds instead of (or beside) tokenizer.json.
+SP_TOKENIZER_FILE = 'tokenizer.model'
 
 # ChatML turn markers and the three reasoning-effort tags, each one token.
 SPECIAL_TOKENS = (
@@ -68,6 +76,38 @@ class Tokenizer(abc.ABC):
   @abc.abstractmethod
   def special_token_id(self, token: str) -> int:
     """Id of a token that must be a single piece, e.g. "<|im_end|>"."""
+
+  def identity(self) -> dict | None:
+    """What makes ids from this tokenizer mean what they mean: the kind, the sha256 of the
+    file, the vocabulary size and the bos / eos / pad ids (an HF tokenizer takes those from
+    its tokenizer_config.json). None for a tokenizer without a file."""
+    path = getattr(self, 'path', None)
+    if path is None:
+      return None
+    cached = getattr(self, '_identity', None)
+    if cached is None:
+      cached = self._identity = {
+        'kind': type(self).__name__,
+        'sha256': file_sha256(path),
+        'vocab_size': self.vocab_size,
+        'bos_id': self.bos_id,
+        'eos_id': self.eos_id,
+        'pad_id': self.pad_id,
+      }
+    return dict(cached)
+
+
+def file_sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def identity_mismatch(recorded: dict, current: dict) -> list[str]:
+  """The identity keys on which two tokenizers differ (keys missing from either are skipped)."""
+  return [key for key in recorded if key in current and recorded[key] != current[key]]
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -215,21 +255,31 @@ class HFTokenizer(Tokenizer):
 
 
 _ACCEPTED_FORMS = (
-  f'a SentencePiece .model file, an HF {HF_TOKENIZER_FILE} '
-  f'(any *.json) file, or an HF model folder holding {HF_TOKENIZER_FILE}'
+  f'a SentencePiece .model file, an HF {HF_TOKENIZER_FILE} (any *.json) file, '
+  f'or an HF model folder holding {HF_TOKENIZER_FILE} or {SP_TOKENIZER_FILE}'
 )
 
 
 def load_tokenizer(path: str) -> Tokenizer:
   """Loads the tokenizer at `path`, choosing the implementation by its form."""
+  if path is None or not str(os.fspath(path)).strip():
+    raise ValueError(
+      f'no tokenizer is set (data.tokenizer in a config, --tokenizer on a command line): '
+      f'give {_ACCEPTED_FORMS}'
+    )
   path = os.fspath(path)
   if os.path.isdir(path):
+    # An HF folder may hold both (the fast and the slow tokenizer): the same vocabulary,
+    # and tokenizer.json is what HF's fast tokenizer, and K2-V2, use.
     hf_file = os.path.join(path, HF_TOKENIZER_FILE)
     if os.path.isfile(hf_file):
       return HFTokenizer(hf_file)
+    sp_file = os.path.join(path, SP_TOKENIZER_FILE)
+    if os.path.isfile(sp_file):
+      return SentencePieceTokenizer(sp_file)
     raise ValueError(
-      f'unsupported tokenizer folder {path}: it has no '
-      f'{HF_TOKENIZER_FILE}; expected {_ACCEPTED_FORMS}'
+      f'tokenizer folder {path} holds neither {HF_TOKENIZER_FILE} nor {SP_TOKENIZER_FILE}; '
+      f'expected {_ACCEPTED_FORMS}'
     )
   if path.endswith('.model'):
     return SentencePieceTokenizer(path)

@@ -12,7 +12,9 @@ import sys
 
 import ml_collections
 
-# Keys other tools and docs rely on (the command-line contract in DESIGN.md).
+from k2jax import errors
+
+# Keys other tools and docs rely on (the command-line contract, docs/configs.md).
 CONTRACT_KEYS = (
   'total_steps',
   'seed',
@@ -104,22 +106,20 @@ def load_error(spec: str) -> str | None:
 def parse_flags(flag_values, argv):
   """absl flag parsing with one-line errors (exit 2) instead of tracebacks.
 
-  ml_collections' config flag raises AttributeError / KeyError for a misspelt override,
-  embeds a traceback in its message for a config that raises, and quietly substitutes a
-  stand-in for a missing file: all three become one readable line here.
+  ml_collections' config flag raises AttributeError / KeyError (or absl an unknown-flag error)
+  for a misspelt override, embeds a traceback in its message for a config that raises, and
+  quietly substitutes a stand-in for a missing file: all become one readable line here.
   """
   spec = config_spec_from_argv(argv)
   try:
     rest = flag_values(argv)
-  except (AttributeError, KeyError) as error:
+  except Exception as error:  # absl's flags.Error, AttributeError / KeyError, the config's own
     message = load_error(spec) if spec else None
     if spec and message is None:
       message = unknown_override_message(load(spec), argv)
-    fail(message or str(error))
-  except Exception as error:  # absl's flags.Error, or whatever the config file raised
-    fail((load_error(spec) if spec else None) or str(error))
+    errors.fail(message or str(error))
   if spec and not isinstance(flag_values['config'].value, ml_collections.ConfigDict):
-    fail(load_error(spec) or f'--config={spec} did not return a ConfigDict')
+    errors.fail(load_error(spec) or f'--config={spec} did not return a ConfigDict')
   return rest
 
 

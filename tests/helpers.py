@@ -1,7 +1,9 @@
 """Helpers shared by the test files: import them from here, never from another test file."""
 
+import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -163,3 +165,56 @@ def make_checkpoint(workdir, edit_params=None, tokenizer=None):
   checkpoints.save(2, state, _NoData(), final=True)
   checkpoints.close()
   return cfg
+
+
+# --- a small training run (tests of checkpoints, stability, multi-host training) ------------------
+
+SMALL_STEPS = 10
+# The numbers that must not change across a restart (throughput and ETA may).
+EXACT = ('loss', 'grad_norm', 'update_norm', 'param_norm', 'learning_rate', 'loss_tokens')
+# The small run's overrides of DEMO_CONFIG, as command-line flags (small_config's in-process twin).
+SMALL_FLAGS = (
+  '--config.model.num_layers=2',
+  '--config.data.seq_len=64',
+  '--config.data.global_batch_size=8',
+  f'--config.total_steps={SMALL_STEPS}',
+  '--config.log_every=1',
+  '--config.eval_every=0',
+  '--config.checkpoint.every=2',
+  '--config.checkpoint.keep=2',
+  '--config.checkpoint.keep_every=4',
+)
+
+
+def small_config(**overrides):
+  """DEMO_CONFIG shrunk as SMALL_FLAGS: 2 layers, 8 x 64 tokens, 10 steps, a save every 2 steps;
+  `overrides` by dotted key ('optim.warmup_steps': 1)."""
+  from k2jax import run_config
+
+  cfg = run_config.load(os.path.join(REPO, DEMO_CONFIG))
+  for flag in SMALL_FLAGS:
+    key, value = flag[len('--config.') :].split('=')
+    overrides = {key: int(value), **overrides}
+  for key, value in overrides.items():
+    node = cfg
+    *parents, leaf = key.split('.')
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return cfg
+
+
+def exact(records):
+  """The EXACT numbers of each training record, by step."""
+  return [(r['step'], *(r[k] for k in EXACT)) for r in records if 'loss' in r]
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]

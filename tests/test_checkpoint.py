@@ -13,52 +13,19 @@ import jax
 import numpy as np
 import pytest
 
-from k2jax import run_config, train
-from k2jax.training import checkpoint, train_step
-from tests.conftest import REPO
-
-TOTAL_STEPS = 10
-# The numbers that must not change across a restart (throughput and ETA may).
-EXACT = ('loss', 'grad_norm', 'update_norm', 'param_norm', 'learning_rate', 'loss_tokens')
-SMALL = dict(total_steps=TOTAL_STEPS, log_every=1, eval_every=0)
-SMALL_FLAGS = (
-  '--config.model.num_layers=2',
-  '--config.data.seq_len=64',
-  '--config.data.global_batch_size=8',
-  f'--config.total_steps={TOTAL_STEPS}',
-  '--config.log_every=1',
-  '--config.eval_every=0',
-  '--config.checkpoint.every=2',
-  '--config.checkpoint.keep=2',
-  '--config.checkpoint.keep_every=4',
+from k2jax.training import checkpoint, optim, train_step
+from k2jax.training.run import prepare, run, train
+from tests.helpers import (
+  REPO,
+  SMALL_FLAGS,
+  SMALL_STEPS,
+  cli_env,
+  exact,
+  read_metrics,
+  small_config,
 )
 
-
-def small_config(**overrides):
-  """The debug pre-training stage, shrunk: 2 layers, 8 x 64 tokens, a save every 2 steps."""
-  cfg = run_config.load(os.path.join(REPO, 'configs/pretrain.py:debug'))
-  cfg.model.num_layers = 2
-  cfg.data.seq_len = 64
-  cfg.data.global_batch_size = 8
-  cfg.checkpoint.every = 2
-  cfg.checkpoint.keep = 2
-  cfg.checkpoint.keep_every = 4
-  for key, value in {**SMALL, **overrides}.items():
-    node = cfg
-    *parents, leaf = key.split('.')
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
-  return cfg
-
-
-def exact(records):
-  return [(r['step'], *(r[k] for k in EXACT)) for r in records if 'loss' in r]
-
-
-def read_metrics(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f]
+TOTAL_STEPS = SMALL_STEPS
 
 
 def saved_params(workdir, step, cfg):
@@ -72,7 +39,7 @@ def saved_params(workdir, step, cfg):
 def uninterrupted(tmp_path_factory):
   """Run A: TOTAL_STEPS steps in one go."""
   workdir = str(tmp_path_factory.mktemp('uninterrupted'))
-  return workdir, train.train(small_config(), workdir)
+  return workdir, train(small_config(), workdir)
 
 
 def test_layout_and_keep_policy(uninterrupted):
@@ -92,9 +59,9 @@ def test_resume_is_bit_identical(uninterrupted, tmp_path, capsys):
   reference_dir, reference = uninterrupted
   cfg = small_config()
   workdir = str(tmp_path)
-  first = train.train(cfg, workdir, stop_after=7)  # as if killed after step 7
+  first = train(cfg, workdir, stop_after=7)  # as if killed after step 7
   assert checkpoint.committed_steps(checkpoint.directory(workdir))[-1] == 7
-  second = train.train(small_config(), workdir)
+  second = train(small_config(), workdir)
   assert [r['step'] for r in second] == list(range(8, TOTAL_STEPS + 1))
   assert exact(first + second) == exact(reference)
   assert exact(read_metrics(workdir)) == exact(reference)
@@ -103,7 +70,7 @@ def test_resume_is_bit_identical(uninterrupted, tmp_path, capsys):
   jax.tree.map(np.testing.assert_array_equal, ours, theirs)
 
   capsys.readouterr()
-  assert train.train(small_config(), workdir) == []
+  assert train(small_config(), workdir) == []
   assert f'already at step {TOTAL_STEPS} of {TOTAL_STEPS}' in capsys.readouterr().out
 
 
@@ -125,9 +92,14 @@ def test_damaged_newest_checkpoint_falls_back(damage, uninterrupted, tmp_path, c
   damage(os.path.join(checkpoint.directory(workdir), '10'))
 
   capsys.readouterr()
-  records = train.train(small_config(), workdir)
+  records = train(small_config(), workdir)
   out = capsys.readouterr().out
   assert 'warning: checkpoint step 10' in out and 'falling back to step 8' in out, out
+  # One readable line: the error and its cause, no raw library object (a pybind11 repr).
+  [warning] = [line for line in out.splitlines() if 'warning: checkpoint step 10' in line]
+  assert 'pybind11' not in warning and '<bound method' not in warning, warning
+  if damage is _truncate_arrays:
+    assert 'OUT_OF_RANGE' in warning, warning  # the cause, as TensorStore said it
   assert exact(records) == exact(reference)[8:]
   assert exact(read_metrics(workdir)) == exact(reference)
   # The damaged step is set aside, and the run saved step 10 again.
@@ -159,7 +131,7 @@ def test_init_from_hands_over_with_a_new_rope_and_length(uninterrupted, tmp_path
   cfg = small_config(total_steps=3, init_from=source_dir, **{'optim.warmup_steps': 2})
   cfg.model.rope_base = 1e6  # not a parameter: the new stage's value just applies
   cfg.data.seq_len = 128
-  prepared = train.prepare(cfg, str(tmp_path))
+  prepared = prepare(cfg, str(tmp_path))
   assert prepared['init_from'] == os.path.join(checkpoint.directory(source_dir), '10')
   params = checkpoint.load_params(prepared['init_from'], prepared['plan'])
   for array, sharding in zip(
@@ -173,7 +145,7 @@ def test_init_from_hands_over_with_a_new_rope_and_length(uninterrupted, tmp_path
   )
 
   capsys.readouterr()
-  records = train.run(prepared)
+  records = run(prepared)
   assert 'parameters from' in capsys.readouterr().out
   assert [r['step'] for r in records] == [1, 2, 3]
   assert records[0]['learning_rate'] == 0.0  # the new stage's warmup, from its step 0
@@ -190,12 +162,80 @@ def test_init_from_shape_mismatch_names_the_parameter(uninterrupted, tmp_path):
     match=r'parameter layers/\S+ has shape \(2, .*\) in the '
     r'checkpoint but \(3, .*\) in this model',
   ):
-    train.prepare(cfg, str(tmp_path))
+    prepare(cfg, str(tmp_path))
+
+
+# --- resuming a workdir with another setup: refused before any step is tried ---------------------
+
+
+def _workdir_copy(uninterrupted, tmp_path) -> str:
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(uninterrupted[0], workdir)
+  return workdir
+
+
+def _untouched(workdir):
+  """The checkpoints are as they were: no step set aside as damaged, none deleted."""
+  ckpt_dir = checkpoint.directory(workdir)
+  assert checkpoint.committed_steps(ckpt_dir) == [4, 8, 10]
+  assert not os.path.exists(os.path.join(ckpt_dir, checkpoint.DAMAGED))
+
+
+def test_resume_with_another_process_count_says_so(uninterrupted, tmp_path):
+  """Saved by 2 processes (as their data files say), resumed by 1: one line naming both counts,
+  not every step called damaged and the advice to move the directory away."""
+  workdir = _workdir_copy(uninterrupted, tmp_path)
+  ckpt_dir = checkpoint.directory(workdir)
+  for step in checkpoint.committed_steps(ckpt_dir):
+    data = os.path.join(ckpt_dir, str(step), 'data')
+    os.rename(os.path.join(data, 'process_0-of-1.json'), os.path.join(data, 'process_0-of-2.json'))
+    shutil.copy(
+      os.path.join(data, 'process_0-of-2.json'), os.path.join(data, 'process_1-of-2.json')
+    )
+  with pytest.raises(ValueError) as raised:
+    prepare(small_config(), workdir)
+  text = str(raised.value)
+  assert 'step 10 was saved with 2 process(es), now 1' in text, text
+  assert '\n' not in text and 'intact' in text and 'move' not in text, text
+  _untouched(workdir)
+
+
+def test_resume_with_another_model_shape_names_the_fields(uninterrupted, tmp_path):
+  workdir = _workdir_copy(uninterrupted, tmp_path)
+  cfg = small_config(**{'model.num_layers': 3, 'model.vocab_size': 4096})
+  with pytest.raises(ValueError) as raised:
+    prepare(cfg, workdir)
+  text = str(raised.value)
+  assert 'model.vocab_size 2048 -> 4096, model.num_layers 2 -> 3' in text, text
+  assert '\n' not in text and 'damaged' not in text, text
+  _untouched(workdir)
+
+
+def test_resume_with_a_changed_schedule_is_refused_unless_asked(uninterrupted, tmp_path, capsys):
+  """total_steps 10 -> 12 re-stretches the cosine decay: refused, naming the field, its old and
+  new values and the rate that would jump; resume_schedule_change=True goes on under it."""
+  workdir = _workdir_copy(uninterrupted, tmp_path)
+  with pytest.raises(ValueError) as raised:
+    prepare(small_config(total_steps=12), workdir)
+  text = str(raised.value)
+  assert 'total_steps 10 -> 12' in text and 'resume_schedule_change=True' in text, text
+  assert 'the learning rate at step 10 goes from' in text and '\n' not in text, text
+  # A field the schedule does not read (this cosine has no wsd phase) is not a change.
+  prepare(small_config(**{'optim.wsd_decay_fraction': 0.5}), workdir)
+  _untouched(workdir)
+
+  cfg = small_config(total_steps=12, resume_schedule_change=True)
+  capsys.readouterr()
+  records = train(cfg, workdir)
+  assert 'learning-rate schedule changed on resume' in capsys.readouterr().out
+  assert [r['step'] for r in records] == [11, 12]
+  want = optim.learning_rate_at(cfg.optim, 12, 10)  # the new schedule, from the restored count
+  np.testing.assert_allclose(records[0]['learning_rate'], want, rtol=1e-6)
 
 
 def cli_run_past_first_checkpoint(workdir, **popen_args):
   """Starts the CLI on the small config; returns once its first checkpoint is committed."""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  env = cli_env()
   command = [
     sys.executable,
     '-m',
@@ -307,7 +347,7 @@ def test_init_from_optimizer_carries_the_moments_and_restarts_the_schedule(unint
   cfg = small_config(
     total_steps=2, init_from=source_dir, init_from_optimizer=True, **{'optim.warmup_steps': 1}
   )
-  prepared = train.prepare(cfg, str(tmp_path))
+  prepared = prepare(cfg, str(tmp_path))
   opt_state = checkpoint.load_opt_state(prepared['init_from'], prepared['plan'])
   adam = [
     s
@@ -322,11 +362,11 @@ def test_init_from_optimizer_carries_the_moments_and_restarts_the_schedule(unint
   assert int(adam[0].count) == 10  # Adam's bias correction goes on from the source's step 10
   assert int(schedule[0].count) == 0  # the new stage's schedule starts at its step 0
   assert float(jax.tree.leaves(adam[0].mu)[0].std()) > 0  # moments carried over
-  records = train.run(prepared)
+  records = run(prepared)
   assert [r['step'] for r in records] == [1, 2] and records[0]['learning_rate'] == 0.0
   # A step directory without an optimizer (a converted HF checkpoint) is refused up front.
   bare = tmp_path / 'bare'
   shutil.copytree(os.path.join(checkpoint.directory(source_dir), '10', 'params'), bare / 'params')
   cfg = small_config(init_from=str(bare), init_from_optimizer=True)
   with pytest.raises(ValueError, match='has no opt_state'):
-    train.prepare(cfg, str(tmp_path / 'other'))
+    prepare(cfg, str(tmp_path / 'other'))

@@ -1,4 +1,4 @@
-"""Every stage config loads, validates and carries K2-V2's numbers (K2V2.md)."""
+"""Every stage config loads, validates and carries K2-V2's numbers (docs/recipe.md)."""
 
 import json
 import os
@@ -7,7 +7,7 @@ import pytest
 
 from k2jax import run_config
 from k2jax.model import config as model_config
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 SPECS = ['configs/pretrain.py', 'configs/sft.py'] + [
   f'configs/midtrain.py:stage{i}' for i in range(1, 5)

@@ -3,8 +3,7 @@ round trips, the exported tokenizer's chat template against data_pipeline.chat, 
 
 import json
 import os
-import subprocess
-import sys
+import shutil
 
 import jax
 import ml_collections
@@ -17,17 +16,18 @@ from safetensors import safe_open
 
 from data_pipeline import chat
 from data_pipeline.tokenizer import load_tokenizer
-from k2jax import convert, run_config, train
-from k2jax.hf import safetensors_io
+from k2jax import convert as convert_cli
+from k2jax import run_config, train
+from k2jax.hf import convert, safetensors_io
 from k2jax.hf import tokenizer as hf_tokenizer
 from k2jax.model import config as model_config
 from k2jax.model.transformer import Transformer
 from k2jax.parallel import sharding
 from k2jax.training import checkpoint, train_step
-from tests.conftest import REPO
+from tests.helpers import REPO, require_oracle, run_cli
 
-torch = pytest.importorskip('torch')
-transformers = pytest.importorskip('transformers')
+torch = require_oracle('torch')
+transformers = require_oracle('transformers')
 
 DEMO = os.path.join(REPO, 'data_pipeline', 'demo')
 HF_TOKENIZER = os.path.join(DEMO, 'tokenizer.json')
@@ -160,9 +160,19 @@ def test_round_trip_is_bit_exact_and_works_as_init_from(run, exported, tmp_path)
       np.testing.assert_allclose(value, sharding_paths(params)[path], atol=6e-8, rtol=0)
     else:
       np.testing.assert_array_equal(value, sharding_paths(params)[path])
-  # HF -> k2jax -> HF: every tensor bit-identical.
+  # from-hf copies the HF folder's tokenizer beside the parameters and names it (issue 9, 12).
+  saved = checkpoint.read_run_config(back)
+  assert saved['data']['tokenizer'] == os.path.join(back, 'tokenizer', 'tokenizer.json')
+  assert sorted(os.listdir(os.path.join(back, 'tokenizer'))) == [
+    'tokenizer.json',
+    'tokenizer_config.json',
+  ]
+  # HF -> k2jax -> HF: every tensor bit-identical; the tokenizer is the recorded one.
   again = str(tmp_path / 'again')
-  convert.to_hf(back, again, dtype='float32', tokenizer=HF_TOKENIZER, log=quiet)
+  convert.to_hf(back, again, dtype='float32', log=quiet)
+  assert load_tokenizer(again).encode('What is 12 + 30?') == load_tokenizer(HF_TOKENIZER).encode(
+    'What is 12 + 30?'
+  )
   first, second = safetensors_of(exported)[0], safetensors_of(again)[0]
   assert first.keys() == second.keys()
   for name in first:
@@ -171,7 +181,7 @@ def test_round_trip_is_bit_exact_and_works_as_init_from(run, exported, tmp_path)
 
 def test_to_hf_bfloat16_with_the_runs_sentencepiece_tokenizer(run, exported, tmp_path):
   out = str(tmp_path / 'bf16')
-  convert.to_hf(run[0], out, shard_size=convert.parse_size('1MB'), log=quiet)  # bf16 default
+  convert.to_hf(run[0], out, shard_size=convert_cli.parse_size('1MB'), log=quiet)  # bf16 default
   weights, dtypes = safetensors_of(out)
   assert dtypes == {'BF16'}, dtypes
   reference = safetensors_of(exported)[0]
@@ -225,6 +235,7 @@ def test_from_hf_logits_match_transformers(num_kv_heads, rope_theta, tmp_path):
   saved = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(out, 'config'))
   assert model_config.from_config(ml_collections.ConfigDict(saved['model'])) == cfg
   assert saved['data']['seq_len'] == 256
+  assert saved['data']['tokenizer'] == '' and not os.path.exists(os.path.join(out, 'tokenizer'))
   params = ocp.StandardCheckpointer().restore(os.path.join(out, 'params'))
   assert {a.dtype for a in jax.tree.leaves(params)} == {np.dtype('float32')}
   tokens = np.random.default_rng(0).integers(0, 128, (2, 24))
@@ -360,6 +371,10 @@ def test_refusals_name_the_file(tmp_path):
   os.remove(os.path.join(hf_dir, 'config.json'))
   with pytest.raises(FileNotFoundError, match='config.json is missing'):
     convert.from_hf(hf_dir, str(tmp_path / 'out'), log=quiet)
+  with open(os.path.join(hf_dir, 'config.json'), 'w') as f:
+    f.write('{"model_type": "llama",')
+  with pytest.raises(ValueError, match='config.json: not valid JSON'):
+    convert.from_hf(hf_dir, str(tmp_path / 'out'), log=quiet)
 
   model = random_llama()
   state = {k: v.numpy() for k, v in model.state_dict().items()}
@@ -388,6 +403,13 @@ def test_refusals_name_the_file(tmp_path):
     with pytest.raises(ValueError, match=message):
       convert.from_hf(folder, str(tmp_path / 'out'), log=quiet)
 
+  # A tokenizer that does not fit the model fails before the weights are read.
+  shutil.copyfile(HF_TOKENIZER, os.path.join(folder, 'tokenizer.json'))
+  with pytest.raises(
+    ValueError, match="tokenizer.json has 2048 tokens, more than the model's vocab_size=128"
+  ):
+    convert.from_hf(folder, str(tmp_path / 'out'), log=quiet)
+
   sharded = str(tmp_path / 'sharded')
   model.save_pretrained(sharded, safe_serialization=True, max_shard_size='100KB')
   os.remove(os.path.join(sharded, 'model-00002-of-00005.safetensors'))
@@ -408,25 +430,34 @@ def test_from_hf_checks_the_stage_config(tmp_path):
     )
 
 
-def test_cli_errors_are_one_line_with_exit_2(tmp_path):
+def test_cli_errors_are_one_line_with_exit_2(tmp_path, capsys):
   write_config(str(tmp_path / 'hf'))
   (tmp_path / 'hf' / 'pytorch_model.bin').write_bytes(b'x')
+  # One real command: exit status 2 and a single stderr line, no traceback.
+  result = run_cli(
+    'k2jax.convert', 'from-hf', f'--hf={tmp_path / "hf"}', f'--out={tmp_path / "out"}'
+  )
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.startswith(f'error: {tmp_path / "hf"} holds only PyTorch pickle weights')
+  assert result.stderr.count('\n') == 1, result.stderr
+  # The rest in-process.
   for args, message in [
-    (
-      ['from-hf', f'--hf={tmp_path / "hf"}', f'--out={tmp_path / "out"}'],
-      f'error: {tmp_path / "hf"} holds only PyTorch pickle weights',
-    ),
     (['to-hf', '--checkpoint=x'], 'error: the following arguments are required: --out'),
+    (['to-hf', '--checkpoint=x', '--out=y', '--shard_size=big'], 'error: --shard_size=big'),
+    (
+      ['to-hf', f'--checkpoint={tmp_path}', f'--out={tmp_path / "y"}'],
+      f'error: --checkpoint={tmp_path} is neither a step directory',
+    ),
+    (
+      ['from-hf', f'--hf={tmp_path / "nope"}', '--out=y'],
+      f'error: --hf={tmp_path / "nope"} is not',
+    ),
   ]:
-    result = subprocess.run(
-      [sys.executable, '-m', 'k2jax.convert', *args],
-      cwd=REPO,
-      capture_output=True,
-      text=True,
-      timeout=120,
-    )
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith(message) and result.stderr.count('\n') == 1, result.stderr
-  assert convert.parse_size('5GB') == 5e9 and convert.parse_size('1.5 MiB') == 1.5 * 2**20
+    with pytest.raises(SystemExit) as exit_info:
+      convert_cli.main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(message), (args, err)
+    assert err.count('\n') == 1, err
+  assert convert_cli.parse_size('5GB') == 5e9 and convert_cli.parse_size('1.5 MiB') == 1.5 * 2**20
   with pytest.raises(ValueError, match='--shard_size=big: expected a positive size'):
-    convert.parse_size('big')
+    convert_cli.parse_size('big')

@@ -5,22 +5,28 @@ import json
 import os
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
 from data_pipeline import pipeline
 from data_pipeline.tokenizer import load_tokenizer
-from k2jax import evaluate
-from k2jax import generate as gen
-from k2jax import lm_eval_adapter as lme
+from k2jax import evaluate as evaluate_cli
+from k2jax.infer import evaluation, generation, load
+from k2jax.infer import lm_eval as lme
 from k2jax.model.transformer import Transformer
 from k2jax.training import train_step
-from tests.conftest import REPO
-from tests.test_generate import make_checkpoint, random_params, run_cli
-from tests.test_model import TINY
+from tests.helpers import (
+  DEMO_EVAL,
+  DEMO_TOKENIZER,
+  TINY,
+  make_checkpoint,
+  random_params,
+  require_oracle,
+)
 
-EVAL_FILE = os.path.join(REPO, 'data_pipeline/demo/eval.jsonl')
-TOKENIZER = load_tokenizer(os.path.join(REPO, 'data_pipeline/demo/tokenizer.model'))
+EVAL_FILE = DEMO_EVAL
+TOKENIZER = load_tokenizer(DEMO_TOKENIZER)
 CFG = dataclasses.replace(TINY, vocab_size=TOKENIZER.vocab_size)  # the demo tokenizer's ids
 PARAMS = random_params(CFG, seed=1, std=0.1)
 MAX_LENGTH = 16
@@ -34,9 +40,9 @@ def workdir(tmp_path_factory):
 
 
 def test_evaluate_equals_the_training_loss(workdir, capsys):
-  loaded = gen.load(str(workdir), mesh_spec='data:4,tensor:2')
-  data_cfg = evaluate.eval_data_config(loaded, EVAL_FILE, seq_len=32, batch_size=8)
-  result = evaluate.evaluate(loaded, data_cfg, batches=3)
+  loaded = load.load(str(workdir), mesh_spec='data:4,tensor:2')
+  data_cfg = evaluation.eval_data_config(loaded, EVAL_FILE, seq_len=32, batch_size=8)
+  result = evaluation.evaluate(loaded, data_cfg, batches=3)
 
   # Directly: train_step's loss on the same pipeline batches, on one device.
   params = jax.device_get(loaded.params)
@@ -52,7 +58,7 @@ def test_evaluate_equals_the_training_loss(workdir, capsys):
   np.testing.assert_allclose(result['perplexity'], np.exp(total / count), rtol=1e-6)
 
   # The command line, in-process: one line with tokens, loss and perplexity.
-  evaluate.main(
+  evaluate_cli.main(
     [
       f'--checkpoint={workdir}',
       f'--data={EVAL_FILE}',
@@ -67,21 +73,40 @@ def test_evaluate_equals_the_training_loss(workdir, capsys):
   assert f'perplexity {result["perplexity"]:.3f}' in line, line
 
 
-def test_evaluate_cli_json_and_errors(workdir):
-  result = run_cli(
-    'k2jax.evaluate',
-    f'--checkpoint={workdir}',
-    f'--data={EVAL_FILE}',
-    '--batches=1',
-    '--output=json',
+def test_evaluate_cli_json_and_errors(workdir, capsys):
+  evaluate_cli.main(
+    [f'--checkpoint={workdir}', f'--data={EVAL_FILE}', '--batches=1', '--output=json']
   )
-  assert result.returncode == 0, result.stderr
-  out = json.loads(result.stdout)
+  out = json.loads(capsys.readouterr().out)
   assert out['tokens'] == 8 * 64 and out['batch_size'] == 8 and out['seq_len'] == 64
   assert out['perplexity'] == pytest.approx(np.exp(out['loss']))
-  result = run_cli('k2jax.evaluate', f'--checkpoint={workdir}', '--data=/nonexistent/*.jsonl')
-  assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr
-  assert "'/nonexistent/*.jsonl'" in result.stderr, result.stderr
+  with pytest.raises(SystemExit) as exit_info:
+    evaluate_cli.main([f'--checkpoint={workdir}', '--data=/nonexistent/*.jsonl'])
+  err = capsys.readouterr().err
+  assert exit_info.value.code == 2 and err.count('\n') == 1, err
+  assert err.startswith('error: ') and "'/nonexistent/*.jsonl'" in err, err
+
+
+def test_a_checkpoint_without_tokenizer_says_how_to_give_one(tmp_path):
+  """Issue 9 (15): the run config of a converted HF folder without tokenizer files names
+  none: the message says what needs one and how to give it, never an empty name."""
+  loaded = load.Loaded(
+    params=None,
+    model_cfg=TINY,
+    run_cfg=ml_collections.ConfigDict({'data': {'tokenizer': '', 'seq_len': 64}}),
+    step_dir=str(tmp_path),
+    mesh=None,
+  )
+  with pytest.raises(ValueError) as error:
+    evaluation.eval_data_config(loaded, EVAL_FILE)
+  assert str(error.value) == (
+    f'encoding the data needs a tokenizer, and the run config of {tmp_path} names none '
+    f'(data.tokenizer is empty): pass --tokenizer=PATH ({load.TOKENIZER_FORMS})'
+  )
+  data_cfg = evaluation.eval_data_config(
+    loaded, EVAL_FILE, tokenizer=os.path.dirname(DEMO_TOKENIZER)
+  )
+  assert data_cfg.tokenizer == os.path.join(os.path.dirname(DEMO_TOKENIZER), 'tokenizer.json')
 
 
 # --- the lm-eval adapter's functions -------------------------------------------------------
@@ -170,7 +195,9 @@ def test_rolling_loglikelihood_over_a_long_text():
 
   predicted = [t for _, cont in lme.rolling_windows(tokens, prefix, window) for t in cont]
   assert predicted == tokens
-  lm_utils = pytest.importorskip('lm_eval.utils')  # lm-eval's own windows agree
+  require_oracle('lm_eval')  # lm-eval's own windows agree
+  import lm_eval.utils as lm_utils
+
   theirs = [
     lm_utils.make_disjoint_window(w)
     for w in lm_utils.get_rolling_token_windows(tokens, prefix, window, 1)
@@ -183,7 +210,7 @@ def test_generate_until_stops_at_the_until_strings():
   # The same shapes as generate_until's below (2 rows, prompts padded to 16): one compile.
   full = [
     TOKENIZER.decode(ids)
-    for ids in gen.generate(
+    for ids in generation.generate(
       PARAMS, CFG, [TOKENIZER.encode(c) for c in contexts], max_new_tokens=10, pad_multiple=16
     )
   ]
@@ -202,7 +229,7 @@ def test_generate_until_stops_at_the_until_strings():
 
 
 def test_lm_eval_model_class():
-  pytest.importorskip('lm_eval')
+  require_oracle('lm_eval')
   from lm_eval.api.instance import Instance
   from lm_eval.api.registry import get_model
 

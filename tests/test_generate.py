@@ -1,23 +1,28 @@
 """KV-cache decoding against full recomputation and HF `generate`; sampling; mesh; the CLI."""
 
 import json
-import os
-import subprocess
-import sys
+import shutil
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
-from k2jax import generate as gen
+from k2jax import generate as generate_cli
+from k2jax.infer import generation, load
 from k2jax.model.transformer import Transformer, init_cache
 from k2jax.parallel import sharding
 from k2jax.training import train_step
-from tests.conftest import REPO
-from tests.test_model import TINY, hf_to_params
+from tests.helpers import (
+  DEMO_TOKENIZER,
+  TINY,
+  hf_to_params,
+  make_checkpoint,
+  random_params,
+  require_oracle,
+  run_cli,
+)
 
 PROMPTS = [
   [5, 17, 3, 99, 42],
@@ -28,19 +33,12 @@ EOS = 1
 NEW = 8  # one setting for every library test: the compiled loops are shared
 
 
-def random_params(cfg, seed=0, std=0.05):
-  """Host parameters drawn with numpy: no init to compile. Norm scales get noise too."""
-  rng = np.random.default_rng(seed)
-  abstract = nn.unbox(train_step.abstract_params(Transformer(cfg), 1))
-  return jax.tree.map(lambda a: rng.normal(0.0, std, a.shape).astype(np.float32), abstract)
-
-
 PARAMS = random_params(TINY)
 
 
 def hf_model(cfg, seed=0):
-  torch = pytest.importorskip('torch')
-  transformers = pytest.importorskip('transformers')
+  torch = require_oracle('torch')
+  transformers = require_oracle('transformers')
   hf_config = transformers.LlamaConfig(
     vocab_size=cfg.vocab_size,
     hidden_size=cfg.hidden_size,
@@ -65,7 +63,7 @@ def hf_model(cfg, seed=0):
 
 
 def test_greedy_matches_hf_generate():
-  torch = pytest.importorskip('torch')
+  torch = require_oracle('torch')
   model = hf_model(TINY)
   params = hf_to_params(model, TINY)
   # HF: left-padded batch with an attention mask; it derives positions from the mask.
@@ -90,7 +88,9 @@ def test_greedy_matches_hf_generate():
     expected.append(row[:end])
   assert any(len(set(row)) > 3 for row in expected)  # not a degenerate repetition
   for padding in ('left', 'right'):
-    got = gen.generate(params, TINY, PROMPTS, max_new_tokens=NEW, stop_ids=(EOS,), padding=padding)
+    got = generation.generate(
+      params, TINY, PROMPTS, max_new_tokens=NEW, stop_ids=(EOS,), padding=padding
+    )
     assert got == expected, padding
 
 
@@ -137,20 +137,23 @@ def test_kv_cache_logits_equal_full_recomputation():
 def test_sampling_is_seeded_and_respects_top_p():
   params = PARAMS
   kwargs = dict(max_new_tokens=NEW, stop_ids=(EOS,))
-  greedy = gen.generate(params, TINY, PROMPTS, **kwargs)
-  first = gen.generate(params, TINY, PROMPTS, temperature=1.0, top_p=0.9, seed=3, **kwargs)
-  again = gen.generate(params, TINY, PROMPTS, temperature=1.0, top_p=0.9, seed=3, **kwargs)
-  other = gen.generate(params, TINY, PROMPTS, temperature=1.0, top_p=0.9, seed=4, **kwargs)
+  greedy = generation.generate(params, TINY, PROMPTS, **kwargs)
+  first = generation.generate(params, TINY, PROMPTS, temperature=1.0, top_p=0.9, seed=3, **kwargs)
+  again = generation.generate(params, TINY, PROMPTS, temperature=1.0, top_p=0.9, seed=3, **kwargs)
+  other = generation.generate(params, TINY, PROMPTS, temperature=1.0, top_p=0.9, seed=4, **kwargs)
   assert first == again and first != other and first != greedy
   assert (
-    gen.generate(params, TINY, PROMPTS, temperature=1.0, top_p=1e-6, seed=3, **kwargs) == greedy
+    generation.generate(params, TINY, PROMPTS, temperature=1.0, top_p=1e-6, seed=3, **kwargs)
+    == greedy
   )
 
   # Every draw lies in the nucleus: the fewest top tokens whose mass reaches top_p.
   logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, 50)) * 2, jnp.float32)
   probs = np.asarray(jax.nn.softmax(logits))
   keys = jax.random.split(jax.random.key(0), 200)
-  draws = np.asarray(jax.jit(jax.vmap(lambda k: gen.sample_logits(logits, k, 1.0, 0.5)))(keys))
+  draws = np.asarray(
+    jax.jit(jax.vmap(lambda k: generation.sample_logits(logits, k, 1.0, 0.5)))(keys)
+  )
   for row in range(4):
     order = np.argsort(-probs[row])
     size = int(np.searchsorted(np.cumsum(probs[row][order]), 0.5) + 1)
@@ -164,8 +167,8 @@ def test_sharded_generation_equals_unsharded():
   kwargs = dict(max_new_tokens=NEW, stop_ids=(EOS,))
   sampled = dict(temperature=0.7, top_p=0.9, seed=1)
   expected = [
-    gen.generate(params, TINY, PROMPTS, **kwargs),
-    gen.generate(params, TINY, PROMPTS, **sampled, **kwargs),
+    generation.generate(params, TINY, PROMPTS, **kwargs),
+    generation.generate(params, TINY, PROMPTS, **sampled, **kwargs),
   ]
   mesh = sharding.make_mesh(
     ml_collections.ConfigDict(dict(data=2, tensor=2, sequence=1)), jax.devices()[:4]
@@ -174,48 +177,13 @@ def test_sharded_generation_equals_unsharded():
   placed = jax.device_put(params, sharding.param_shardings(mesh, boxed, False))
   assert placed['layers']['attention']['q'].sharding.spec[2] == 'tensor'
   got = [
-    gen.generate(placed, TINY, PROMPTS, mesh=mesh, **kwargs),
-    gen.generate(placed, TINY, PROMPTS, mesh=mesh, **sampled, **kwargs),
+    generation.generate(placed, TINY, PROMPTS, mesh=mesh, **kwargs),
+    generation.generate(placed, TINY, PROMPTS, mesh=mesh, **sampled, **kwargs),
   ]
   assert got == expected
 
 
 # --- the command line, on a checkpoint saved the way training saves one ------------------
-
-
-class _NoData:
-  def get_state(self):
-    return {}
-
-
-def make_checkpoint(workdir, edit_params=None):
-  """A step-2 checkpoint of the debug pre-training stage (2 layers), without training.
-
-  `edit_params(params) -> params` changes the (host) parameters before they are saved.
-  """
-  from k2jax import run_config
-  from k2jax.training import checkpoint
-
-  cfg = run_config.load(os.path.join(REPO, 'configs/pretrain.py:debug'))
-  cfg.model.num_layers = 2
-  cfg.data.seq_len = 64
-  cfg.data.global_batch_size = 8
-  cfg.total_steps = 2
-  cfg.optim.warmup_steps = 1
-  cfg.checkpoint.every = 2
-  cfg.mesh.data = 1  # one device: Orbax then saves without compiling per-array copies
-  plan = train_step.plan(cfg, jax.devices()[:1])
-  params = random_params(plan.model_cfg, std=0.02)
-  if edit_params is not None:
-    params = edit_params(params)
-  params = jax.device_put(params, plan.state_sharding.params)
-  state = train_step.TrainState(
-    step=jnp.asarray(2, jnp.int32), params=params, opt_state=plan.tx.init(params)
-  )
-  checkpoints = checkpoint.Checkpoints(str(workdir), cfg)
-  checkpoints.save(2, state, _NoData(), final=True)
-  checkpoints.close()
-  return cfg
 
 
 CHAIN = (100, 200)  # after the prompt's last token, the crafted model says 100, 200, <|im_end|>
@@ -234,39 +202,27 @@ def chain_model(params, last=6, im_end=5):
   return params
 
 
-def run_cli(module, *args):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
-  return subprocess.run(
-    [sys.executable, '-m', module, *args],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
-
-
 def test_cli_chat_renders_the_prompt_and_stops_at_im_end(tmp_path, capsys):
   from data_pipeline import chat
   from data_pipeline.tokenizer import load_tokenizer
 
-  tokenizer = load_tokenizer(os.path.join(REPO, 'data_pipeline/demo/tokenizer.model'))
+  tokenizer = load_tokenizer(DEMO_TOKENIZER)
   im_end = tokenizer.special_token_id(chat.IM_END)
   think_fast = tokenizer.special_token_id('<think_fast>')
   make_checkpoint(tmp_path, lambda p: chain_model(p, last=think_fast, im_end=im_end))
-  result = run_cli(
-    'k2jax.generate',
-    f'--checkpoint={tmp_path}',
-    '--chat',
-    '--reasoning_effort=medium',
-    '--prompt=Hello there',
-    '--prompt=Hi',
-    '--max_new_tokens=8',
-    '--output=json',
-    '--mesh=data:2,tensor:2',
+  generate_cli.main(
+    [
+      f'--checkpoint={tmp_path}',
+      '--chat',
+      '--reasoning_effort=medium',
+      '--prompt=Hello there',
+      '--prompt=Hi',
+      '--max_new_tokens=8',
+      '--output=json',
+      '--mesh=data:2,tensor:2',
+    ]
   )
-  assert result.returncode == 0, result.stderr
-  out = json.loads(result.stdout)
+  out = json.loads(capsys.readouterr().out)
   for text, row in zip(['Hello there', 'Hi'], out):
     assert row['prompt_ids'] == chat.render_prompt(
       [{'role': 'user', 'content': text}], tokenizer, 'medium'
@@ -274,10 +230,21 @@ def test_cli_chat_renders_the_prompt_and_stops_at_im_end(tmp_path, capsys):
     assert row['ids'] == [*CHAIN, im_end] and row['finish_reason'] == 'stop'
     assert row['text'] == tokenizer.decode(CHAIN)
 
-  # Plain mode does not stop at <|im_end|>; text output prints the completion (in-process,
-  # to spare a second interpreter start).
-  gen.main([f'--checkpoint={tmp_path}', f'--prompt_ids={think_fast}', '--max_new_tokens=4'])
+  # Plain mode does not stop at <|im_end|>; text output prints the completion.
+  generate_cli.main(
+    [f'--checkpoint={tmp_path}', f'--prompt_ids={think_fast}', '--max_new_tokens=4']
+  )
   assert capsys.readouterr().out == tokenizer.decode([*CHAIN, im_end, 0]) + '\n'
+
+
+def cli_error(capsys, *args) -> str:
+  """The stderr of an in-process `python -m k2jax.generate` that must exit with status 2."""
+  with pytest.raises(SystemExit) as exit_info:
+    generate_cli.main(list(args))
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith('error: ') and err.count('\n') == 1, err
+  return err
 
 
 @pytest.mark.parametrize(
@@ -286,10 +253,71 @@ def test_cli_chat_renders_the_prompt_and_stops_at_im_end(tmp_path, capsys):
     ((), 'the following arguments are required: --checkpoint'),
     (('--checkpoint=x', '--prompt=a', '--temperature=hot'), "invalid float value: 'hot'"),
     (('--checkpoint=/nonexistent',), 'give at least one --prompt'),
-    (('--checkpoint=/nonexistent', '--prompt=x'), 'checkpoint /nonexistent is neither'),
+    (('--checkpoint=x', '--prompt_ids=1,a'), '--prompt_ids=1,a: expected comma-separated'),
+    (('--checkpoint=x', '--prompt_ids=1', '--chat'), '--chat renders --prompt text'),
+    # Issue 9 (13): chat options without --chat were silently ignored.
+    (
+      ('--checkpoint=x', '--prompt=a', '--reasoning_effort=low'),
+      '--reasoning_effort applies to --chat prompts only: add --chat, or drop --reasoning_effort',
+    ),
+    (('--checkpoint=x', '--prompt=a', '--system_prompt=Be brief.'), '--system_prompt applies'),
   ],
 )
-def test_cli_errors_are_one_line(args, expected):
-  result = run_cli('k2jax.generate', *args)
+def test_cli_errors_are_one_line(args, expected, capsys):
+  assert expected in cli_error(capsys, *args)
+
+
+def test_cli_error_exit_status_and_stderr_in_a_subprocess():
+  result = run_cli('k2jax.generate', '--checkpoint=/nonexistent', '--prompt=x')
   assert result.returncode == 2, result.stderr
-  assert expected in result.stderr and 'Traceback' not in result.stderr, result.stderr
+  assert result.stderr.startswith('error: checkpoint /nonexistent is neither'), result.stderr
+  assert result.stderr.count('\n') == 1, result.stderr
+
+
+def test_ids_in_ids_out_need_no_tokenizer(tmp_path, capsys):
+  """Issue 9 (3, 15): a checkpoint whose run config names no tokenizer (a converted HF folder
+  without tokenizer files) generates ids; text options say what needs a tokenizer and how to
+  give one; a folder holding only tokenizer.model is a tokenizer (12)."""
+  from data_pipeline.tokenizer import load_tokenizer
+
+  make_checkpoint(tmp_path / 'run', tokenizer='')
+  run = f'--checkpoint={tmp_path / "run"}'
+  generate_cli.main(
+    [run, '--prompt_ids=5,17,3', '--prompt_ids=7', '--max_new_tokens=4', '--output=json']
+  )
+  out = json.loads(capsys.readouterr().out)
+  assert [row['prompt_ids'] for row in out] == [[5, 17, 3], [7]]
+  assert all(len(row['ids']) in range(1, 5) and row['text'] is None for row in out), out
+
+  err = cli_error(capsys, run, '--prompt_ids=5,17,3', '--max_new_tokens=4')
+  assert '--output=text (the default) needs a tokenizer' in err, err
+  assert 'names none (data.tokenizer is empty): pass --tokenizer=PATH' in err, err
+  assert err.rstrip().endswith('or --output=json for the generated ids alone'), err
+  err = cli_error(capsys, run, '--prompt=Hello', '--output=json')
+  assert err.startswith('error: --prompt needs a tokenizer'), err
+  assert '--chat needs a tokenizer' in cli_error(capsys, run, '--prompt=Hello', '--chat')
+
+  folder = tmp_path / 'sentencepiece'
+  folder.mkdir()
+  shutil.copyfile(DEMO_TOKENIZER, folder / 'tokenizer.model')
+  generate_cli.main(
+    [run, f'--tokenizer={folder}', '--prompt=Hello', '--max_new_tokens=4', '--output=json']
+  )
+  (row,) = json.loads(capsys.readouterr().out)
+  assert row['prompt_ids'] == load_tokenizer(DEMO_TOKENIZER).encode('Hello')
+  err = cli_error(capsys, run, f'--tokenizer={tmp_path}', '--prompt=Hello')
+  assert f'tokenizer folder {tmp_path} holds neither tokenizer.json nor tokenizer.model' in err
+
+  # A named tokenizer that is gone is an error naming the key, not an empty name.
+  loaded = load.Loaded(
+    params=None,
+    model_cfg=TINY,
+    run_cfg=ml_collections.ConfigDict({'data': {'tokenizer': str(tmp_path / 'gone.model')}}),
+    step_dir=str(tmp_path / 'run'),
+    mesh=None,
+  )
+  with pytest.raises(
+    FileNotFoundError,
+    match='gone.model does not exist: the run config of .* names it as data.tokenizer; pass --tokenizer=PATH',
+  ):
+    load.tokenizer_path(loaded)

@@ -1,54 +1,48 @@
-"""Issue 5's round trip from the command line: train the demo model, export it to HF, load it
-in transformers, and generate the same text as `k2jax.generate`."""
+"""The round trip from the command line, on the shared demo run: export it to HF, load that in
+transformers and generate the same text as `k2jax.generate`; import the export back and
+generate from it with the tokenizer the import recorded."""
 
 import json
-import subprocess
-import sys
+import os
 
 import pytest
 
-from tests.conftest import REPO
-
-torch = pytest.importorskip('torch')
-transformers = pytest.importorskip('transformers')
+from k2jax import convert as convert_cli
+from k2jax import generate as generate_cli
+from tests.helpers import require_oracle
 
 PROMPTS = ['Tomadun is a river town in the province of', 'What is 12 + 30?']
 
 
-def cli(*args):
-  result = subprocess.run(
-    [sys.executable, '-m', *args], cwd=REPO, capture_output=True, text=True, timeout=600
+@pytest.fixture(scope='module')
+def exported(demo_run, tmp_path_factory):
+  """`convert to-hf` of the demo run in float32 (its SentencePiece tokenizer included)."""
+  hf_dir = str(tmp_path_factory.mktemp('roundtrip') / 'hf')
+  convert_cli.main(['to-hf', f'--checkpoint={demo_run}', f'--out={hf_dir}', '--dtype=float32'])
+  return hf_dir
+
+
+def generate(capsys, checkpoint, *flags):
+  capsys.readouterr()  # drop what came before (conversion progress)
+  generate_cli.main(
+    [
+      f'--checkpoint={checkpoint}',
+      *[f'--prompt={p}' for p in PROMPTS],
+      '--max_new_tokens=24',
+      '--output=json',
+      '--dtype=float32',
+      *flags,
+    ]
   )
-  assert result.returncode == 0, result.stderr[-3000:]
-  return result.stdout
+  return json.loads(capsys.readouterr().out)
 
 
-def test_demo_model_exports_to_hf_and_generates_the_same_text(tmp_path):
-  run = tmp_path / 'run'
-  cli(
-    'k2jax.train',
-    '--config=configs/pretrain.py:debug',
-    f'--workdir={run}',
-    '--config.total_steps=30',
-    '--config.eval_every=0',
-    '--config.optim.warmup_steps=3',
-    '--config.checkpoint.every=30',
-  )
-  hf_dir = tmp_path / 'hf'
-  cli('k2jax.convert', 'to-hf', f'--checkpoint={run}', f'--out={hf_dir}', '--dtype=float32')
-
-  out = cli(
-    'k2jax.generate',
-    f'--checkpoint={run}',
-    *[f'--prompt={p}' for p in PROMPTS],
-    '--max_new_tokens=24',
-    '--output=json',
-    '--dtype=float32',
-  )
-  ours = json.loads(out)
-
-  tokenizer = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
-  model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+def test_demo_model_exports_to_hf_and_generates_the_same_text(demo_run, exported, capsys):
+  torch = require_oracle('torch')
+  transformers = require_oracle('transformers')
+  ours = generate(capsys, demo_run)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
+  model = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32)
   model.eval()
   for prompt, result in zip(PROMPTS, ours):
     ids = tokenizer(prompt, add_special_tokens=False)['input_ids']
@@ -61,3 +55,22 @@ def test_demo_model_exports_to_hf_and_generates_the_same_text(tmp_path):
     assert theirs == result['ids'], (prompt, theirs, result['ids'])
     text = tokenizer.decode([t for t in theirs if t != 1])
     assert text == result['text'] and len(text) > 10
+
+
+def test_from_hf_records_the_tokenizer_and_generates_text(demo_run, exported, tmp_path, capsys):
+  """Issue 9 (12): from-hf of a folder holding tokenizer.model (no tokenizer.json) records it,
+  so the converted checkpoint generates text with no --tokenizer, as the run it came from;
+  `--tokenizer=<HF folder>` works too, and so does the checkpoint once moved elsewhere."""
+  assert {'tokenizer.model', 'tokenizer_config.json'} <= set(os.listdir(exported))
+  assert not os.path.exists(os.path.join(exported, 'tokenizer.json'))
+  back = str(tmp_path / 'back')
+  convert_cli.main(['from-hf', f'--hf={exported}', f'--out={back}'])
+  assert 'tokenizer.model copied to' in capsys.readouterr().out
+
+  ours = generate(capsys, demo_run)
+  assert all(len(row['text']) > 10 for row in ours), ours
+  assert generate(capsys, back) == ours
+  assert generate(capsys, back, f'--tokenizer={exported}') == ours
+  moved = str(tmp_path / 'moved')
+  os.rename(back, moved)  # data.tokenizer names back/tokenizer/: the copy beside params/ is used
+  assert generate(capsys, moved) == ours

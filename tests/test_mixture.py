@@ -2,6 +2,7 @@
 
 import collections
 import json
+import logging
 import os
 import re
 
@@ -11,7 +12,7 @@ import pytest
 
 from data_pipeline import chat, mixture, pipeline, prepare, sources
 from data_pipeline.tokenizer import load_tokenizer
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 DEMO = os.path.join(REPO, 'data_pipeline', 'demo')
 TOKENIZER = os.path.join(DEMO, 'tokenizer.model')
@@ -258,6 +259,70 @@ def test_chat_samples_are_packed_with_assistant_only_loss(tmp_path, form):
     # Position i is trained exactly when token i + 1 is an assistant target.
     np.testing.assert_array_equal(loss[:-1], sample['target_mask'][1:])
     assert loss[-1] == 0
+
+
+def prepare_sft_eval(out, tokenizer=TOKENIZER, max_len=0) -> str:
+  path = os.path.join(DEMO, 'sft', 'eval.parquet')
+  request = prepare.Request(
+    inputs=(path,), tokenizer=tokenizer, format='chat', field='conversations', max_len=max_len
+  )
+  prepare.prepare(request, str(out), progress=False)
+  return str(out)
+
+
+@pytest.mark.parametrize('packing', ['document', 'best_fit'])
+def test_long_prepared_chat_samples_are_cut_on_the_right_like_raw_ones(tmp_path, packing, caplog):
+  # Prepared without a cut, trained at a seq_len a third of the samples exceed: each must be cut
+  # on the right and keep its prompt, never continued in a later piece without it.
+  prepared = prepare_sft_eval(tmp_path / 'p')
+  seq_len = 128
+  assert prepare.read_manifest(prepared)['max_tokens'] > seq_len
+  fields = dict(format='chat', seq_len=seq_len, packing=packing, chat={'system_prompt_prob': 0.0})
+  raw = pipeline.build(
+    make_cfg(eval_files=os.path.join(DEMO, 'sft', 'eval.parquet'), **fields), seed=0, split='eval'
+  )
+  with caplog.at_level(logging.WARNING, logger='data_pipeline.documents'):
+    batches = pipeline.build(make_cfg(eval_files=prepared, **fields), seed=0, split='eval')
+  assert f'cut on the right to data.seq_len={seq_len}' in caplog.text
+  im_start = load_tokenizer(TOKENIZER).special_token_id('<|im_start|>')
+  full_rows = 0
+  for got, expected in zip(take(batches, 12), take(raw, 12)):
+    for key in ('inputs', 'targets', 'positions', 'segment_ids', 'loss_mask'):
+      np.testing.assert_array_equal(got[key], expected[key])
+    for inputs, positions, segment_ids in zip(got['inputs'], got['positions'], got['segment_ids']):
+      for s in range(1, segment_ids.max() + 1):
+        at = np.flatnonzero(segment_ids == s)
+        assert positions[at[0]] == 0 and inputs[at[0]] == im_start  # a sample's start
+        full_rows += len(at) == seq_len
+  assert full_rows > 3  # the cut samples are there, as whole rows
+
+
+def test_prepared_data_of_another_tokenizer_is_refused(tmp_path, caplog):
+  # The two demo tokenizers have the same vocabulary size and special ids.
+  hf = os.path.join(DEMO, 'tokenizer.json')
+  prepared = prepare_sft_eval(tmp_path / 'p', tokenizer=hf, max_len=256)
+  cfg = make_cfg(eval_files=prepared, format='chat', seq_len=256, packing='document')
+  message = (
+    f'{prepared} was prepared with tokenizer {hf}, but data.tokenizer is {TOKENIZER}, '
+    'another tokenizer (kind'
+  )
+  with pytest.raises(ValueError, match=re.escape(message)):
+    pipeline.build(cfg, seed=0, split='eval')
+  bank = make_cfg(**{**cfg, 'mixture': write_bank(tmp_path, {'sft': [1, 1, prepared]})})
+  with pytest.raises(ValueError, match=re.escape(message)):
+    pipeline.build(bank, seed=0, split='train')
+  next(pipeline.build(make_cfg(**{**cfg, 'tokenizer': hf}), seed=0, split='eval'))
+  # A manifest written before identities were recorded still loads, with a warning that says
+  # how to record it.
+  manifest_path = os.path.join(prepared, prepare.MANIFEST)
+  with open(manifest_path) as f:
+    manifest = json.load(f)
+  del manifest['tokenizer_identity'], manifest['max_tokens'], manifest['max_len']
+  with open(manifest_path, 'w') as f:
+    json.dump(manifest, f)
+  with caplog.at_level(logging.WARNING, logger='data_pipeline.documents'):
+    next(pipeline.build(cfg, seed=0, split='eval'))
+  assert 'records no tokenizer identity' in caplog.text and hf in caplog.text
 
 
 def test_raw_chat_system_prompt_is_random_but_seeded():

@@ -2,27 +2,16 @@
 and the global batch is one jax.Array over the 8 devices."""
 
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 
-from tests.conftest import REPO
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
+from tests.helpers import REPO, cli_env, free_port
 
 
 def test_two_processes_assemble_one_global_batch(tmp_path):
-  env = {
-    **os.environ,
-    'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
-    'JAX_PLATFORMS': 'cpu',
-  }
+  env = cli_env(XLA_FLAGS='--xla_force_host_platform_device_count=4')
   port = str(free_port())
   worker = os.path.join(REPO, 'tests', 'multihost_data_worker.py')
   procs = [

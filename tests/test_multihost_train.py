@@ -9,17 +9,11 @@ import sys
 import time
 
 from k2jax.training import checkpoint
-from tests.conftest import REPO
-from tests.test_checkpoint import SMALL_FLAGS, exact, read_metrics
-from tests.test_multihost_data import free_port
+from tests.helpers import REPO, SMALL_FLAGS, cli_env, exact, free_port, read_metrics
 
 
 def start(workdir, port):
-  env = {
-    **os.environ,
-    'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
-    'JAX_PLATFORMS': 'cpu',
-  }
+  env = cli_env(XLA_FLAGS='--xla_force_host_platform_device_count=4')
   return [
     subprocess.Popen(
       [

@@ -293,3 +293,40 @@ def test_optional_fields_default_when_missing():
   # Defaults: fraction 0.1 linear decay, decay_steps 0, clipping off.
   assert lr_at(cfg, 100, 95) == pytest.approx((PEAK + FLOOR) / 2, rel=1e-6)
   optim.make_optimizer(cfg, 100)
+
+
+@pytest.mark.parametrize(
+  'overrides, reads_total_steps',
+  [
+    (dict(schedule='cosine'), True),  # decays to the end of the stage
+    (dict(schedule='cosine', decay_steps=50), False),  # its own decay length
+    (dict(schedule='constant'), False),
+    (dict(schedule='wsd'), True),
+  ],
+)
+def test_schedule_keys_are_the_fields_the_schedule_reads(overrides, reads_total_steps):
+  """What a resumed run compares: a key listed here changes the rates when it changes."""
+  cfg = make_cfg(**overrides)
+  keys = optim.schedule_keys(cfg)
+  assert ('total_steps' in keys) == reads_total_steps
+  for key in keys:  # each listed key does move the schedule somewhere
+    if key in ('optim.schedule', 'total_steps'):
+      continue
+    field = key.split('.', 1)[1]
+    value = cfg[field]
+    other = 'sqrt' if field == 'wsd_decay_shape' else (value * 2 or 50)
+    changed = make_cfg(**{**overrides, field: other})
+    assert any(lr_at(cfg, 200, s) != lr_at(changed, 200, s) for s in range(200)), key
+  if not reads_total_steps:
+    assert all(lr_at(cfg, 200, s) == lr_at(cfg, 300, s) for s in range(0, 200, 7))
+
+
+def test_schedule_count_lags_the_step_after_a_skipped_update():
+  cfg = make_cfg(warmup_steps=4)
+  tx = optim.make_optimizer(cfg, 20)
+  params = {'w': jnp.ones((2, 2))}
+  state = tx.init(params)
+  _, state = tx.update({'w': jnp.ones((2, 2))}, state, params)
+  assert int(optim.schedule_count(state)) == 1
+  with pytest.raises(ValueError, match='one scheduled learning rate'):
+    optim.schedule_count(optax.sgd(0.1).init(params))

@@ -3,13 +3,14 @@
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
 
 from data_pipeline import chat, prepare, sources
 from data_pipeline.tokenizer import load_tokenizer
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 DEMO = os.path.join(REPO, 'data_pipeline', 'demo')
 SP_TOKENIZER = os.path.join(DEMO, 'tokenizer.model')
@@ -78,8 +79,11 @@ def test_chat_shards_hold_one_sample_per_assistant_turn(tmp_path):
   for (tokens, mask), sample in zip(shard, expected):
     np.testing.assert_array_equal(tokens, sample['tokens'])
     np.testing.assert_array_equal(mask, sample['target_mask'])
-  assert max(len(tokens) for tokens, _ in shard) <= 200
-  assert prepare.read_manifest(out)['target_mask'] is True
+  manifest = prepare.read_manifest(out)
+  assert manifest['target_mask'] is True
+  assert manifest['max_len'] == 200
+  assert manifest['max_tokens'] == max(len(tokens) for tokens, _ in shard) == 200  # some were cut
+  assert manifest['tokenizer_identity'] == tokenizer.identity()
 
 
 def test_system_prompt_draws_are_seeded(tmp_path):
@@ -136,6 +140,41 @@ def test_a_rerun_with_other_settings_is_refused(tmp_path):
     prepare.prepare(request(str(tmp_path / 'raw'), HF_TOKENIZER), out, progress=False)
 
 
+def test_a_rerun_after_the_tokenizer_file_changed_is_refused(tmp_path):
+  # The same path, other contents: the shards already written came from the old tokenizer.
+  split_corpus(tmp_path / 'raw', parts=2, docs=20)
+  tokenizer = tmp_path / 'tok' / 'tokenizer.json'
+  tokenizer.parent.mkdir()
+  shutil.copyfile(HF_TOKENIZER, tokenizer)
+  out = str(tmp_path / 'out')
+  asked = request(str(tmp_path / 'raw'), str(tokenizer))
+  prepare.prepare(asked, out, progress=False)
+  os.remove(os.path.join(out, prepare.MANIFEST))  # as a kill would leave it
+  with open(tokenizer, 'w') as f:
+    json.dump(json.loads(open(HF_TOKENIZER).read()), f, indent=1)
+  with pytest.raises(ValueError, match=re.escape(f'the file at {tokenizer} has changed')):
+    prepare.prepare(asked, out, progress=False)
+
+
+def test_a_rerun_records_the_identity_a_manifest_lacks(tmp_path):
+  # A preparation made before identities were recorded: rerunning the same command adds it,
+  # without redoing the shards.
+  split_corpus(tmp_path / 'raw', parts=2, docs=20)
+  out = str(tmp_path / 'out')
+  first = prepare.prepare(request(str(tmp_path / 'raw')), out, progress=False)
+  for name in (prepare.MANIFEST, prepare.REQUEST):
+    with open(os.path.join(out, name)) as f:
+      old = json.load(f)
+    del old['tokenizer_identity']
+    with open(os.path.join(out, name), 'w') as f:
+      json.dump(old, f)
+  shard = prepare.shard_path(out, 0, '.array_record')
+  mtime = os.stat(shard).st_mtime_ns
+  assert prepare.prepare(request(str(tmp_path / 'raw')), out, progress=False) == first
+  assert prepare.read_manifest(out)['tokenizer_identity'] == load_tokenizer(SP_TOKENIZER).identity()
+  assert os.stat(shard).st_mtime_ns == mtime
+
+
 def test_command_line_errors_exit_2_with_one_line(tmp_path, capsys):
   split_corpus(tmp_path / 'raw')
   assert (
@@ -179,3 +218,84 @@ def test_a_file_without_usable_records_is_an_error_naming_it(tmp_path):
   (tmp_path / 'raw' / 'bad.jsonl').write_text('{"text": ""}\n{oops\n')
   with pytest.raises(ValueError, match='no usable'):
     prepare.prepare(request(str(tmp_path / 'raw')), str(tmp_path / 'out'), progress=False)
+
+
+def error_line(err: str) -> str:
+  """The one error line of a failed command (stderr also holds the progress bar)."""
+  [line] = [line for line in err.splitlines() if line.startswith('error: ')]
+  return line
+
+
+def prepare_cli(tmp_path, inputs, *extra):
+  """`python -m data_pipeline.prepare`, in-process, in one process (workers are tested above)."""
+  return prepare.main(
+    [
+      f'--input={inputs}',
+      f'--tokenizer={SP_TOKENIZER}',
+      f'--output={tmp_path}/out',
+      '--workers=1',
+      *extra,
+    ]
+  )
+
+
+@pytest.mark.parametrize(
+  'files, message',
+  [
+    ({}, 'no supported files match'),  # a glob matching nothing
+    ({'a.jsonl': ''}, 'a.jsonl: the file is empty'),  # found before anything is written
+    ({'a.jsonl': '\n \n'}, "no usable 'text' values in files matching '{raw}/a.jsonl'"),
+    ({'a.jsonl': '{"text": " "}\n', 'b.parquet': ''}, 'b.parquet: the file is empty'),
+  ],
+)
+def test_empty_input_exits_2_leaving_no_output_and_the_fixed_rerun_works(
+  tmp_path, capsys, files, message
+):
+  raw = tmp_path / 'raw'
+  raw.mkdir()
+  for name, content in files.items():
+    (raw / name).write_text(content)
+  assert prepare_cli(tmp_path, f'{raw}/*') == 2
+  assert message.format(raw=raw) in error_line(capsys.readouterr().err)
+  assert not (tmp_path / 'out').exists()
+  for name in files:
+    os.remove(raw / name)
+  split_corpus(raw, parts=2, docs=10)
+  assert prepare_cli(tmp_path, f'{raw}/*') == 0
+  assert '10 documents' in capsys.readouterr().out
+
+
+def test_a_folder_left_by_a_run_that_finished_nothing_takes_other_inputs(tmp_path, capsys):
+  # The output folder was there before (made by hand): a failed run leaves it as it found it.
+  (tmp_path / 'out').mkdir()
+  (tmp_path / 'blank.jsonl').write_text('\n')
+  assert prepare_cli(tmp_path, tmp_path / 'blank.jsonl') == 2
+  assert os.listdir(tmp_path / 'out') == []
+  # A run killed before finishing a shard leaves prepare.json: other inputs are still taken.
+  split_corpus(tmp_path / 'raw', parts=2, docs=10)
+  prepare._check_request(str(tmp_path / 'out'), request(str(tmp_path / 'blank.jsonl')), None)
+  capsys.readouterr()
+  assert prepare_cli(tmp_path, tmp_path / 'raw') == 0
+  assert prepare.read_manifest(str(tmp_path / 'out'))['documents'] == 10
+
+
+def test_a_bad_file_after_finished_shards_keeps_them_for_the_rerun(tmp_path, capsys):
+  split_corpus(tmp_path / 'raw', parts=2, docs=10)
+  bad = tmp_path / 'raw' / 'part-2.jsonl'
+  bad.write_text('{"text": ""}\n')
+  assert prepare_cli(tmp_path, tmp_path / 'raw') == 2
+  err = error_line(capsys.readouterr().err)
+  assert f'{bad}' in err and '2 finished shard(s) kept' in err
+  done = prepare.shard_path(str(tmp_path / 'out'), 0, '.array_record')
+  mtime = os.stat(done).st_mtime_ns
+  bad.write_text('{"text": "fixed in place"}\n')
+  assert prepare_cli(tmp_path, tmp_path / 'raw') == 0
+  assert '11 documents' in capsys.readouterr().out
+  assert os.stat(done).st_mtime_ns == mtime
+
+
+def test_an_empty_tokenizer_is_named(tmp_path, capsys):
+  split_corpus(tmp_path / 'raw', parts=1, docs=5)
+  assert prepare.main([f'--input={tmp_path}/raw', '--tokenizer=', f'--output={tmp_path}/out']) == 2
+  assert '--tokenizer is empty' in capsys.readouterr().err
+  assert not (tmp_path / 'out').exists()

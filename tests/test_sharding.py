@@ -182,6 +182,24 @@ def test_mesh_shape_fill_and_errors():
     sharding.mesh_shape(mesh_cfg(2, 2, 1), 8)
 
 
+def test_a_mesh_that_does_not_fit_names_its_axes_and_the_cpu_fix():
+  """The axes and their sizes; on CPU, the simulated device count that would fit."""
+  flag = 'XLA_FLAGS=--xla_force_host_platform_device_count='
+  with pytest.raises(ValueError) as raised:
+    sharding.make_mesh(mesh_cfg(4, 2, 2))  # the 8 simulated CPU devices
+  text = str(raised.value)
+  assert 'mesh data 4 × tensor 2 × sequence 2 needs 16 devices, but 8 are available' in text
+  assert f'{flag}16' in text, text
+  with pytest.raises(ValueError) as raised:
+    sharding.make_mesh(mesh_cfg(-1, 3, 1))
+  text = str(raised.value)
+  assert 'tensor 3 × sequence 1 = 3 does not divide 8' in text and f'{flag}9' in text, text
+  # On an accelerator the CPU flag would be no help: not offered.
+  with pytest.raises(ValueError) as raised:
+    sharding.mesh_shape(mesh_cfg(4, 2, 2), 8, platform='gpu')
+  assert 'XLA_FLAGS' not in str(raised.value)
+
+
 def test_indivisible_dimension_names_dim_and_axis():
   mesh = sharding.make_mesh(mesh_cfg(1, 8, 1))
   boxed = train_step.abstract_params(MODEL, LENGTH)  # kv_heads = 4 cannot split 8 ways

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from data_pipeline import sources, train_tokenizer
+from data_pipeline import tokenizer as tokenizers
 from data_pipeline.tokenizer import (
   SPECIAL_TOKENS,
   HFTokenizer,
@@ -120,12 +121,42 @@ def test_pickle_reloads_from_path(tokenizer):
 
 
 def test_hf_model_folder(tmp_path):
+  # The demo folder holds both files, as an HF folder may: tokenizer.json wins.
   tokenizer = load_tokenizer(DEMO_DIR)
   assert isinstance(tokenizer, HFTokenizer)
   assert os.path.basename(tokenizer.path) == 'tokenizer.json'
   assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (0, 1, 3)
-  with pytest.raises(ValueError, match='no tokenizer.json'):
+  with pytest.raises(ValueError, match=r'neither tokenizer\.json nor tokenizer\.model'):
     load_tokenizer(str(tmp_path))
+
+
+def test_sentencepiece_model_folder(tmp_path):
+  # A SentencePiece-based HF folder holds tokenizer.model and no tokenizer.json.
+  shutil.copyfile(SP_PATH, tmp_path / 'tokenizer.model')
+  tokenizer = load_tokenizer(str(tmp_path))
+  assert isinstance(tokenizer, SentencePieceTokenizer)
+  assert tokenizer.path == str(tmp_path / 'tokenizer.model')
+  assert tokenizer.encode('What is 12 + 30?') == load_tokenizer(SP_PATH).encode('What is 12 + 30?')
+
+
+@pytest.mark.parametrize('path', ['', '  ', None])
+def test_an_unset_tokenizer_names_the_key_that_sets_it(path):
+  with pytest.raises(ValueError, match=r'^no tokenizer is set \(data\.tokenizer'):
+    load_tokenizer(path)
+
+
+def test_identity_tells_the_demo_tokenizers_apart(tmp_path):
+  # Same vocabulary size and special ids: only the file tells them apart.
+  sp, hf = load_tokenizer(SP_PATH).identity(), load_tokenizer(HF_PATH).identity()
+  assert (sp['vocab_size'], sp['bos_id'], sp['eos_id']) == (hf['vocab_size'], 0, 1)
+  assert tokenizers.identity_mismatch(sp, hf) == ['kind', 'sha256']
+  # A copy elsewhere is the same tokenizer; another tokenizer_config.json is not.
+  assert (
+    load_tokenizer(copy_hf_tokenizer(str(tmp_path / 'copy'))).identity()['sha256'] == (hf['sha256'])
+  )
+  config = {'bos_token': '<s>', 'eos_token': '<|im_end|>'}
+  other = load_tokenizer(copy_hf_tokenizer(str(tmp_path / 'config'), config)).identity()
+  assert tokenizers.identity_mismatch(hf, other) == ['eos_id', 'pad_id']
 
 
 def test_hf_without_config_uses_k2_defaults(tmp_path):

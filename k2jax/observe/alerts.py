@@ -51,7 +51,7 @@ def webhook_url(setting: str) -> str | None:
   else:
     url, where = setting, 'monitor.webhook_url'
   if not url.startswith(('http://', 'https://')):
-    raise ValueError(f'{where} must hold an http(s) URL, got {redact(url)!r}')
+    raise ValueError(f'{where} must be an http(s) URL, got {redact(url)!r}')
   return url
 
 

@@ -19,8 +19,12 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 AXES = ('data', 'tensor', 'sequence')
 
 
-def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
-  """Resolves `mesh.data/tensor/sequence` (one of them may be -1: fills) to axis sizes."""
+def mesh_shape(mesh_cfg, num_devices: int, platform: str | None = None) -> tuple[int, ...]:
+  """Resolves `mesh.data/tensor/sequence` (one of them may be -1: fills) to axis sizes.
+
+  A mesh that does not fit `num_devices` raises a ValueError naming the axes and their sizes;
+  on `platform` 'cpu' it also says how to simulate the devices the mesh needs.
+  """
   sizes = [int(mesh_cfg[axis]) for axis in AXES]
   fill = [axis for axis, size in zip(AXES, sizes) if size == -1]
   if len(fill) > 1:
@@ -29,24 +33,34 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
     if size == 0 or size < -1:
       raise ValueError(f'mesh.{axis}={size}: axis sizes are positive (or -1 to fill)')
   fixed = math.prod(size for size in sizes if size != -1)
+  given = ' × '.join(f'{axis} {size}' for axis, size in zip(AXES, sizes) if size != -1)
   if fill:
     if num_devices % fixed:
+      wanted = -(-num_devices // fixed) * fixed  # the next device count the mesh can fill
       raise ValueError(
-        f'mesh.{fill[0]}=-1 cannot fill {num_devices} devices: the other axes '
-        f'multiply to {fixed}, which does not divide {num_devices}'
+        f'mesh.{fill[0]}=-1 cannot fill {num_devices} devices: {given} = {fixed} does not '
+        f'divide {num_devices}; change mesh.{"/".join(a for a in AXES if a != fill[0])}'
+        + _cpu_hint(platform, f'a multiple of {fixed} devices, e.g.', wanted)
       )
     sizes[AXES.index(fill[0])] = num_devices // fixed
   if math.prod(sizes) != num_devices:
     raise ValueError(
-      f'mesh data×tensor×sequence = {"×".join(map(str, sizes))} = '
-      f'{math.prod(sizes)} devices, but {num_devices} are available'
+      f'mesh {given} needs {math.prod(sizes)} devices, but {num_devices} are available; '
+      f'make mesh.data × mesh.tensor × mesh.sequence = {num_devices} (one of them may be -1 '
+      'to fill)' + _cpu_hint(platform, f'{math.prod(sizes)} devices:', math.prod(sizes))
     )
   return tuple(sizes)
 
 
+def _cpu_hint(platform: str | None, what: str, devices: int) -> str:
+  if platform != 'cpu':
+    return ''
+  return f', or on CPU simulate {what} XLA_FLAGS=--xla_force_host_platform_device_count={devices}'
+
+
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
   devices = list(devices if devices is not None else jax.devices())
-  shape = mesh_shape(mesh_cfg, len(devices))
+  shape = mesh_shape(mesh_cfg, len(devices), platform=devices[0].platform if devices else None)
   # Auto axes: the XLA partitioner propagates shardings from our annotations.
   return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 

@@ -20,6 +20,7 @@ import datetime
 import itertools
 import json
 import os
+import re
 import time
 import types
 
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
+from orbax.checkpoint import multihost
 
 from k2jax.parallel.sharding import path_name
 from k2jax.training.train_step import TrainState
@@ -70,10 +72,24 @@ def _with_shardings(abstract_tree, shardings):
   )
 
 
-def _short(error: Exception) -> str:
-  lines = str(error).strip().splitlines()
-  text = lines[0] if lines else ''
-  return f'{type(error).__name__}: {text[:300]}'
+# Object reprs inside library errors ('See full TensorStore details: <bound method ...>'): noise.
+_OBJECT_REPR = re.compile(
+  r'\s*(See full [\w ]+ details:\s*)?<[^<>]*\b(at 0x[0-9a-f]+|object|method)\b.*$'
+)
+
+
+def describe_error(error: BaseException) -> str:
+  """One readable line for an error raised while restoring: its type and first line, without
+  raw object reprs, and the first line of its cause when that says more."""
+  texts = []
+  seen = set()
+  while error is not None and id(error) not in seen and len(texts) < 2:
+    seen.add(id(error))
+    lines = str(error).strip().splitlines()
+    text = _OBJECT_REPR.sub('', lines[0] if lines else '').strip().rstrip('.:;, ')
+    texts.append(f'{type(error).__name__}: {text[:300]}' if text else type(error).__name__)
+    error = error.__cause__ or error.__context__
+  return '; caused by '.join(texts)
 
 
 # Agreement between hosts goes through jax.distributed's key-value store (as Orbax's own
@@ -83,9 +99,7 @@ _agreements = itertools.count()
 
 
 def _coordination_client():
-  from jax._src import distributed
-
-  return distributed.global_state.client
+  return multihost.get_jax_distributed_client()
 
 
 def _all_hosts_agree(ok: bool) -> bool:
@@ -214,7 +228,7 @@ class Checkpoints:
           if i + 1 < len(steps)
           else 'no older checkpoint left'
         )
-        reason = _short(error) if error else 'it failed to restore on another host'
+        reason = describe_error(error) if error else 'it failed to restore on another host'
         warn(
           f'warning: checkpoint step {step} in {self.directory} failed to restore '
           f'({reason}); {fallback}'
@@ -225,8 +239,8 @@ class Checkpoints:
       return state
     if steps:
       raise ValueError(
-        f'none of the checkpoints in {self.directory} (steps {steps[::-1]}) '
-        f'could be restored; move the directory away to start afresh'
+        f'none of the checkpoints in {self.directory} (steps {steps[::-1]}) could be '
+        "restored (each step's error is in the warnings above); they were left in place"
       )
     return None
 
@@ -282,6 +296,37 @@ def read_run_config(step_dir: str) -> dict:
       'its RoPE base and sequence length)'
     )
   return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path)
+
+
+_DATA_FILE = re.compile(r'process_(\d+)-of-(\d+)\.json$')
+
+
+def saved_process_count(checkpoint_dir: str, steps: list[int]) -> tuple[int, int | None]:
+  """(step, process count) of the newest of `steps` whose data/ item names one; its files
+  `process_<i>-of-<n>.json` are what a restore looks up. (newest step, None) if none does."""
+  for step in reversed(steps):
+    data = os.path.join(checkpoint_dir, str(step), 'data')
+    counts = {int(m.group(2)) for m in map(_DATA_FILE.match, _listdir(data)) if m is not None}
+    if len(counts) == 1:
+      return step, counts.pop()
+  return (steps[-1] if steps else 0), None
+
+
+def saved_run_config(checkpoint_dir: str, steps: list[int]) -> tuple[int, dict | None]:
+  """(step, run config) of the newest of `steps`, or (step, None) when its config does not
+  read (a damaged step: the restore reports it)."""
+  step = steps[-1]
+  try:
+    return step, read_run_config(os.path.join(checkpoint_dir, str(step)))
+  except Exception:  # whatever Orbax raised for a damaged item
+    return step, None
+
+
+def _listdir(path: str) -> list[str]:
+  try:
+    return os.listdir(path)
+  except OSError:
+    return []
 
 
 # --- init_from: the parameters of another run ---------------------------------------------
@@ -357,7 +402,7 @@ def load_opt_state(step_dir: str, plan):
   except (ValueError, KeyError) as error:
     raise ValueError(
       f'init_from_optimizer: the optimizer state in {step_dir} does not fit this '
-      f"stage's optimizer ({_short(error)})"
+      f"stage's optimizer ({describe_error(error)})"
     ) from None
   is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
   return jax.tree.map(

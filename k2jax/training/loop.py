@@ -1,8 +1,10 @@
 """The training loop: one step in flight, stability checks every step, evals, saves, rollbacks.
 
-The loop dispatches step N, then reads step N-1's few scalar metrics while N runs, so the
-devices never wait for the host. Those metrics feed the stability policy
-(k2jax/stability.py) on every step; the monitor writes them every `log_every` steps.
+The loop dispatches step N, then reads step N-1's few scalar metrics while N runs, so reading
+them does not stall the devices (the next batch is still built on this thread, between
+dispatches). Those metrics feed the stability policy (k2jax/training/stability.py) on every
+step, through one method, `_settle`, whatever else the step does (eval, save, log); the
+monitor writes them every `log_every` steps.
 
 A rollback (a spike that persisted, see stability.py) restores the newest checkpoint from
 before the spike, deletes the checkpoints saved since, and reads past the batches the run
@@ -20,7 +22,7 @@ from k2jax.training.stability import Stability
 
 
 class TrainLoop:
-  """Trains a prepared run (k2jax/train.py) from a state to `total_steps`."""
+  """Trains a prepared run (k2jax/training/run.py) from a state to `total_steps`."""
 
   def __init__(self, prepared: dict, checkpoints, monitor):
     self.cfg, self.plan = prepared['cfg'], prepared['plan']
@@ -70,43 +72,58 @@ class TrainLoop:
       f'training steps {step + 1}..{cfg.total_steps}: {cfg.data.global_batch_size} x '
       f'{cfg.data.seq_len} tokens per step (first step compiles)'
     )
-    pending = None  # (step, device metrics) of the step in flight
+    pending = None  # (step, device metrics) of a step whose metrics are not read yet
+    stopping = False
     with preemption.StopRequests(monitor.info) as stops:
-      while step < last_step:
-        self._maybe_profile(step + 1)
-        state, metrics = self._step_fn(state, self._to_global(next(self.batches)))
-        step += 1
-        if pending is not None and self._finish(*pending) == 'rollback':
-          rolled = self._rollback(step)
-          if rolled is not None:
+      while True:
+        dispatched = None  # the next step, unless the run is over or asked to stop
+        if step < last_step and not stopping:
+          self._maybe_profile(step + 1)
+          state, metrics = self._step_fn(state, self._to_global(next(self.batches)))
+          step += 1
+          dispatched = (step, metrics)
+        if pending is not None:  # read the previous step while this one runs
+          rolled = self._settle(pending, step)
+          pending = None
+          if rolled is not None:  # the step just dispatched is discarded with the others
             state, step = rolled
-            pending = None
             continue
+        if dispatched is None:
+          break
+        pending = dispatched
         stopping = stops.should_stop(step)
         self.checkpoints.save(step, state, self.batches, final=stopping or step == last_step)
-        pending = (step, metrics)
         if step == start_step + 1:  # the clock starts after compilation
           jax.block_until_ready(metrics)
           monitor.start(step)
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.total_steps):
-          self._finish(*pending)
+          rolled = self._settle(pending, step)  # this step's own record comes before its eval
           pending = None
+          if rolled is not None:
+            state, step = rolled
+            continue
           eval_start = time.perf_counter()
           self.records.append(monitor.write(step, {'eval_loss': self._evaluate(state.params)}))
           monitor.exclude(time.perf_counter() - eval_start)
-        if stopping:
-          saved = 'checkpoint saved' if self.checkpoints.every else 'not saved (checkpoint.every=0)'
-          monitor.info(
-            f'stopped at step {step} of {cfg.total_steps}, {saved}; '
-            'start the same command again to continue'
-          )
-          break
-    if pending is not None:
-      self._finish(*pending)
+    if stopping:
+      saved = 'checkpoint saved' if self.checkpoints.every else 'not saved (checkpoint.every=0)'
+      monitor.info(
+        f'stopped at step {step} of {cfg.total_steps}, {saved}; '
+        'start the same command again to continue'
+      )
     self._stop_profile()
     return self.records
 
   # --- per-step bookkeeping ---------------------------------------------------------
+
+  def _settle(self, pending, step: int):
+    """The one place a finished step is observed and acted on, whatever else the step does
+    (eval, save, log): reads `pending` = (its step, device metrics) and, when the stability
+    policy asks for it, rolls back. `step` is the newest step dispatched (its batch is read).
+    Returns (state, step) after a rollback, else None."""
+    if self._finish(*pending) != 'rollback':
+      return None
+    return self._rollback(step)
 
   def _finish(self, step: int, device_metrics) -> str | None:
     """Reads a finished step's metrics: stability policy every step, a record on log steps."""

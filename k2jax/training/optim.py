@@ -189,3 +189,28 @@ def make_optimizer(
 def learning_rate_at(optim_cfg, total_steps: int, step: int) -> float:
   """Learning rate at one step, as a Python float (for logs and printing)."""
   return float(make_schedule(optim_cfg, total_steps)(step))
+
+
+def schedule_keys(optim_cfg) -> tuple[str, ...]:
+  """The run-config keys (dotted) the learning-rate schedule of `optim_cfg` depends on: a
+  resumed run whose values differ would follow another schedule from its restored step."""
+  kind = optim_cfg.get('schedule')
+  keys = ['optim.schedule', 'optim.peak_lr', 'optim.warmup_steps']
+  if kind == 'cosine':
+    keys += ['optim.min_lr', 'optim.decay_steps']
+    if not _get(optim_cfg, 'decay_steps', 0):
+      keys.append('total_steps')  # the decay runs to the end of the stage
+  elif kind == 'wsd':
+    keys += ['optim.min_lr', 'optim.wsd_decay_fraction', 'optim.wsd_decay_shape', 'total_steps']
+  return tuple(keys)
+
+
+def schedule_count(opt_state) -> jax.Array:
+  """The update count the optimizer's learning-rate schedule reads: optax's
+  ScaleByScheduleState. It does not advance on a skipped (non-finite) step, so after a skip it
+  lags the train state's step."""
+  is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
+  counts = [s.count for s in jax.tree.leaves(opt_state, is_leaf=is_schedule) if is_schedule(s)]
+  if len(counts) != 1:
+    raise ValueError(f'expected one scheduled learning rate in the optimizer, found {len(counts)}')
+  return counts[0]

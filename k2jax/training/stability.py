@@ -4,13 +4,13 @@ K2-V2's monitor only alerted people; here the trainer acts. Every step's loss is
 with running statistics of the last `stability.spike_window` good steps:
 
   skipped  the loss or gradient was not finite; the train step already kept the old
-           parameters (k2jax/train_step.py), this only counts it
+           parameters (k2jax/training/train_step.py), this only counts it
   spike    loss > mean + spike_threshold * std and loss > mean * (1 + spike_min_increase)
   bad      skipped or spike; bad steps stay out of the running statistics
 
 `spike_patience` bad steps in a row ask for a rollback: the loop restores the newest
 checkpoint from before the first of them and skips the batches read since, so the data
-that caused the spike is not seen again (k2jax/train.py). Every action is appended to
+that caused the spike is not seen again (k2jax/training/loop.py). Every action is appended to
 `<workdir>/events.jsonl`, which also carries the totals across restarts.
 """
 

@@ -144,7 +144,9 @@ def make_train_step(
       'grad_norm': grad_norm,  # before clipping
       'update_norm': jnp.where(finite, optax.tree.norm(updates), 0.0),
       'param_norm': optax.tree.norm(params),
-      'learning_rate': schedule(state.step),  # the rate this update used
+      # The rate this update used (or, skipped, would have used): the schedule at the
+      # optimizer's own count, which a skipped step does not advance, not at state.step.
+      'learning_rate': schedule(optim.schedule_count(state.opt_state)),
       'loss_tokens': tokens,
       'skipped': 1.0 - finite.astype(jnp.float32),
     }
