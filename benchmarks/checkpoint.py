@@ -3,7 +3,7 @@
     python benchmarks/checkpoint.py [--hidden=768 --layers=10 --reps=3 --dir=/tmp/k2jax_ckpt_bench]
 
 The state is a real k2jax train state (parameters and AdamW moments, fp32) of a ~100M-parameter
-K2-V2-shaped model on one CPU device, saved through k2jax/checkpoint.py's `Checkpoints` (the
+K2-V2-shaped model on one CPU device, saved through k2jax/training/checkpoint.py's `Checkpoints` (the
 class the trainer uses): `save` returns once the arrays are copied off the devices, and the
 write continues in the background. Measured per repetition:
 

@@ -56,9 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.fsdp = False  # also shard parameters and optimizer state over `data`
 
   c.model = ml_collections.ConfigDict()
-  c.model.preset = 'k2v2_70b'  # debug | 1b | 7b | k2v2_70b (k2jax/model_config.py)
+  c.model.preset = 'k2v2_70b'  # debug | 1b | 7b | k2v2_70b (k2jax/model/config.py)
   c.model.rope_base = 5e5  # RoPE base frequency; changes per stage
-  c.model.attention = 'xla'  # attention backend (k2jax/attention.py)
+  c.model.attention = 'xla'  # attention backend (k2jax/model/attention.py)
   c.model.remat = 'full'  # none | full | save_dots
   c.model.dtype = 'bfloat16'  # compute dtype
   c.model.param_dtype = 'float32'  # master weights

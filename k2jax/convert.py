@@ -1,4 +1,4 @@
-"""`python -m k2jax.convert`: k2jax checkpoints <-> Hugging Face `LlamaForCausalLM` folders.
+"""k2jax checkpoints <-> Hugging Face `LlamaForCausalLM` folders (safetensors only).
 
     python -m k2jax.convert to-hf --checkpoint=WORKDIR_OR_STEP --out=DIR \
         [--dtype=bfloat16|float32] [--tokenizer=PATH] [--shard_size=5GB]
@@ -9,7 +9,6 @@ is k2jax.hf.convert (`to_hf`, `from_hf`); docs/hf.md has the HF form and the mem
 direction needs for 70B.
 """
 
-import argparse
 import re
 import sys
 
@@ -34,13 +33,10 @@ def parse_size(text: str) -> float:
   return value
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # one line and exit 2, like every k2jax CLI
-    errors.fail(message)
-
-
 def main(argv=None):
-  parser = _Parser(prog='python -m k2jax.convert', description=__doc__.splitlines()[0])
+  parser = errors.ArgumentParser(
+    prog='python -m k2jax.convert', description=__doc__.splitlines()[0]
+  )
   commands = parser.add_subparsers(dest='command', required=True)
   to = commands.add_parser('to-hf', help='a k2jax checkpoint -> an HF LlamaForCausalLM folder')
   to.add_argument('--checkpoint', required=True, help='workdir, checkpoints dir or step dir')

@@ -2,10 +2,11 @@
 
 Library code raises ordinary exceptions (a `ValueError` for bad input, `FileNotFoundError` for
 a missing path, ...) whose text names the file, key or dimension at fault; the commands catch
-`USER_ERRORS` around their work with `one_line_errors()`. Anything else is a bug and keeps its
-traceback.
+`USER_ERRORS` around their work with `one_line_errors()`, and parse their flags with
+`ArgumentParser`, whose errors read the same. Anything else is a bug and keeps its traceback.
 """
 
+import argparse
 import contextlib
 import sys
 from typing import NoReturn
@@ -33,3 +34,11 @@ def one_line_errors():
     yield
   except USER_ERRORS as error:
     fail(message(error))
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse whose errors (and its subcommands') are one line and exit 2, like every k2jax
+  command's."""
+
+  def error(self, message):
+    fail(message)

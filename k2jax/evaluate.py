@@ -10,11 +10,12 @@ import sys
 
 from k2jax import errors
 from k2jax.infer import evaluation, load
-from k2jax.infer.cli import ArgumentParser
 
 
 def parse_args(argv):
-  parser = ArgumentParser(prog='python -m k2jax.evaluate', description=__doc__.split('\n')[0])
+  parser = errors.ArgumentParser(
+    prog='python -m k2jax.evaluate', description=__doc__.split('\n')[0]
+  )
   parser.add_argument(
     '--checkpoint', required=True, help='Workdir (newest step), checkpoints dir or step dir.'
   )

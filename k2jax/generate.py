@@ -11,14 +11,15 @@ import sys
 
 from k2jax import errors
 from k2jax.infer import generation, load
-from k2jax.infer.cli import ArgumentParser
 
 EFFORTS = ('high', 'medium', 'low')  # chat.EFFORT_TAGS, without importing the data pipeline
 DEFAULT_EFFORT = 'high'
 
 
 def parse_args(argv):
-  parser = ArgumentParser(prog='python -m k2jax.generate', description=__doc__.split('\n')[0])
+  parser = errors.ArgumentParser(
+    prog='python -m k2jax.generate', description=__doc__.split('\n')[0]
+  )
   parser.add_argument(
     '--checkpoint', required=True, help='Workdir (newest step), checkpoints dir or step dir.'
   )

@@ -10,12 +10,11 @@ import sys
 
 from k2jax import errors
 from k2jax.infer import lm_eval as adapter
-from k2jax.infer.cli import ArgumentParser
 from k2jax.infer.load import DTYPES
 
 
 def parse_args(argv):
-  parser = ArgumentParser(
+  parser = errors.ArgumentParser(
     prog='python -m k2jax.lm_eval_adapter', description='Runs lm-eval tasks on a k2jax checkpoint.'
   )
   parser.add_argument('--checkpoint', required=True)

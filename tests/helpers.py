@@ -1,5 +1,6 @@
 """Helpers shared by the test files: import them from here, never from another test file."""
 
+import importlib
 import json
 import os
 import shutil
@@ -58,7 +59,7 @@ def require_oracle(module: str):
   CI (`CI` set) it fails, so an install step that lost it cannot pass as green."""
   if os.environ.get('CI'):
     try:
-      return __import__(module)
+      return importlib.import_module(module)
     except ImportError as error:
       pytest.fail(f'CI needs the test oracle {module!r} (pip install -e .[dev]): {error}')
   return pytest.importorskip(module)

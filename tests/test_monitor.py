@@ -52,12 +52,12 @@ def test_redaction_keeps_the_host_and_never_the_path():
 
 def test_wandb_gets_the_redacted_config(tmp_path, monkeypatch):
   seen = {}
-  fake = types.SimpleNamespace(init=lambda **kwargs: seen.update(kwargs) or fake, log=None)
+  fake = types.SimpleNamespace(init=lambda **kwargs: seen.update(kwargs) or fake, finish=dict)
   monkeypatch.setitem(sys.modules, 'wandb', fake)
   settings = {'wandb_project': 'k2', 'webhook_url': SECRET, 'stall_minutes': 0}
   config = {'monitor': dict(settings)}
   run = monitor.Monitor(str(tmp_path), 10, 100, settings=settings, config=config)
-  run._webhook.close()
+  run.close()
   assert seen['config']['monitor']['webhook_url'] == 'https://hooks.example.com/<redacted>'
 
 

@@ -1,6 +1,6 @@
 """The building blocks of a K2-V2 block: RMSNorm (1+w), rotary embeddings, SwiGLU MLP.
 
-Parameters carry logical axis names (`embed`, `mlp`, `vocab`, ...); `k2jax/sharding.py`
+Parameters carry logical axis names (`embed`, `mlp`, `vocab`, ...); `k2jax/parallel/sharding.py`
 maps them onto the mesh. Shape suffixes name dims: B batch, L length, E embed, F mlp,
 H heads, K kv heads, D head dim, V vocab.
 """

@@ -1,6 +1,6 @@
 """What a run did, in a few lines and one picture (`python -m k2jax.monitor WORKDIR`).
 
-Reads `metrics.jsonl`, `events.jsonl` (k2jax/stability.py) and the checkpoint listing; prints
+Reads `metrics.jsonl`, `events.jsonl` (k2jax/training/stability.py) and the checkpoint listing; prints
 progress, latest and best losses, throughput, skipped steps, spikes and rollbacks; writes a
 PNG of the loss (and eval loss), gradient norm and learning-rate curves, with rollbacks marked.
 Works on a live run as well as a finished one.
