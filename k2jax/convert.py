@@ -12,10 +12,9 @@ direction needs for 70B.
 import re
 import sys
 
-from absl import logging
-
 from k2jax import errors
 from k2jax.hf import convert
+from k2jax.observe import logs
 
 # --- the command line ----------------------------------------------------------------------
 
@@ -61,9 +60,9 @@ def main(argv=None):
     'over while converting, e.g. data:8 or data:4,tensor:2',
   )
   args = parser.parse_args(argv)
-  logging.set_verbosity(logging.ERROR)  # Orbax's notes would drown the progress lines
   log = lambda message: print(message, flush=True)  # noqa: E731
   with errors.one_line_errors():
+    logs.quiet_libraries()  # Orbax's notes would drown the progress lines
     if args.command == 'to-hf':
       convert.to_hf(
         args.checkpoint,

@@ -10,6 +10,7 @@ import sys
 
 from k2jax import errors
 from k2jax.infer import evaluation, load
+from k2jax.observe import logs
 
 
 def parse_args(argv):
@@ -52,6 +53,7 @@ def parse_args(argv):
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
   with errors.one_line_errors():
+    logs.quiet_libraries()
     loaded = load.load(args.checkpoint, mesh_spec=args.mesh, dtype=args.dtype)
     data_cfg = evaluation.eval_data_config(
       loaded, args.data, seq_len=args.seq_len, batch_size=args.batch_size, tokenizer=args.tokenizer

@@ -11,6 +11,7 @@ import sys
 
 from k2jax import errors
 from k2jax.infer import generation, load
+from k2jax.observe import logs
 
 EFFORTS = ('high', 'medium', 'low')  # chat.EFFORT_TAGS, without importing the data pipeline
 DEFAULT_EFFORT = 'high'
@@ -120,6 +121,7 @@ def _load_tokenizer(args, loaded):
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
   with errors.one_line_errors():
+    logs.quiet_libraries()
     from data_pipeline import chat
     from data_pipeline import tokenizer as tokenizers
 

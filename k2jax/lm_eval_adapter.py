@@ -11,6 +11,7 @@ import sys
 from k2jax import errors
 from k2jax.infer import lm_eval as adapter
 from k2jax.infer.load import DTYPES
+from k2jax.observe import logs
 
 
 def parse_args(argv):
@@ -40,6 +41,7 @@ def main(argv=None):
   from lm_eval.utils import make_table
 
   with errors.one_line_errors():
+    logs.quiet_libraries()
     model = adapter.K2JaxLM(
       args.checkpoint,
       tokenizer=args.tokenizer,

@@ -7,8 +7,8 @@ before anything is compiled or allocated, and every message names the key at fau
 
 import difflib
 import importlib.util
+import json
 import os
-import sys
 
 import ml_collections
 
@@ -232,7 +232,9 @@ def _get(cfg, dotted: str):
   return node
 
 
-def fail(message: str):
-  """Prints a one-line error (no traceback) and exits with status 2, like a bad flag."""
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(2)
+def saved_form(cfg) -> dict:
+  """The run config as it is written anywhere (config.json, checkpoints, W&B): plain JSON values,
+  and the webhook URL, a credential, redacted."""
+  from k2jax.observe import alerts
+
+  return alerts.redacted_config(json.loads(cfg.to_json_best_effort()))

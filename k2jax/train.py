@@ -9,6 +9,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from k2jax import errors, run_config
+from k2jax.observe import logs
 from k2jax.training.run import prepare, run, start_distributed
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Stage config file[:args].')
@@ -35,6 +36,8 @@ def main(argv):
   if _CONFIG.value is None or _WORKDIR.value is None:
     errors.fail('both --config=configs/<stage>.py[:args] and --workdir=DIR are required')
   with errors.one_line_errors():
+    # Orbax's INFO lines would bury the progress lines; absl's --verbosity brings them back.
+    logs.quiet_libraries(explicit=flags.FLAGS['verbosity'].present)
     start_distributed(
       _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value
     )

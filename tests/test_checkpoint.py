@@ -262,6 +262,7 @@ def restart_matches(command, env, workdir, reference) -> str:
   return result.stdout
 
 
+@pytest.mark.slow
 def test_sigterm_stops_after_the_step_with_a_checkpoint(uninterrupted, tmp_path):
   """Preemption: SIGTERM -> finish the step, save it, exit 0; the restart loses nothing."""
   _, reference = uninterrupted
@@ -321,6 +322,7 @@ def test_restore_onto_another_mesh(uninterrupted, tmp_path, mesh, devices):
   np.testing.assert_allclose(losses, want, rtol=1e-5)  # sums in another order: not bit-equal
 
 
+@pytest.mark.slow
 def test_killed_during_an_async_save_resumes_to_the_same_losses(uninterrupted, tmp_path):
   """SIGKILL after the first checkpoint, while the next save is being written: the
   half-written step is ignored and the restart's metrics.jsonl is as if never interrupted."""

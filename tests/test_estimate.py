@@ -122,7 +122,10 @@ def one_line_error(err: str) -> str:
 def test_mesh_that_does_not_match_the_devices(capsys, in_repo):
   code, err = run_main(capsys, '--mesh=data:3,tensor:8')
   assert code == 2
-  assert f'3×8×1 = 24 devices, but {jax.device_count()} are available' in one_line_error(err)
+  line = one_line_error(err)
+  assert (
+    f'mesh data 3 × tensor 8 × sequence 1 needs 24 devices, but {jax.device_count()} are' in line
+  )
 
 
 def test_dimension_not_divisible_by_its_axis(capsys, in_repo):

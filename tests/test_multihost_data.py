@@ -6,10 +6,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests.helpers import REPO, cli_env, free_port
 
 
+@pytest.mark.slow
 def test_two_processes_assemble_one_global_batch(tmp_path):
   env = cli_env(XLA_FLAGS='--xla_force_host_platform_device_count=4')
   port = str(free_port())

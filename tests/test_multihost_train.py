@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from k2jax.training import checkpoint
 from tests.helpers import REPO, SMALL_FLAGS, cli_env, exact, free_port, read_metrics
 
@@ -44,6 +46,7 @@ def finish(processes) -> list[str]:
   return outputs
 
 
+@pytest.mark.slow
 def test_two_processes_train_are_killed_and_resume(tmp_path):
   reference_dir = tmp_path / 'uninterrupted'
   out = finish(start(reference_dir, free_port()))

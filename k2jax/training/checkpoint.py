@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 from orbax.checkpoint import multihost
 
+from k2jax import run_config
 from k2jax.parallel.sharding import path_name
 from k2jax.training.train_step import TrainState
 
@@ -48,12 +49,9 @@ def committed_steps(checkpoint_dir: str) -> list[int]:
   """Steps whose save completed, oldest first (temp directories are not steps)."""
   if not os.path.isdir(checkpoint_dir):
     return []
-  manager = ocp.CheckpointManager(
-    checkpoint_dir, options=ocp.CheckpointManagerOptions(read_only=True)
-  )
-  steps = sorted(manager.all_steps())
-  manager.close()
-  return steps
+  # Orbax's own listing of finalized steps; a read-only CheckpointManager would log four
+  # warnings for every reader (generate, evaluate, convert).
+  return sorted(ocp.utils.checkpoint_steps(checkpoint_dir))
 
 
 class _DataState:
@@ -161,7 +159,7 @@ class Checkpoints:
       create=True,
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
-    self._config = json.loads(cfg.to_json_best_effort())
+    self._config = run_config.saved_form(cfg)
     self._total_steps = cfg.total_steps
 
   def steps(self) -> list[int]:

@@ -7,6 +7,7 @@ names, the mesh, and, when the workdir already has checkpoints, whether this run
 them (the same process count, the same model shape, the same learning-rate schedule).
 """
 
+import json
 import os
 
 import ml_collections
@@ -101,8 +102,7 @@ def check_resume(cfg, workdir: str) -> list[str]:
   change accepted by `resume_schedule_change`)."""
   import jax
 
-  from k2jax.model import config as model_config
-  from k2jax.training import checkpoint, optim
+  from k2jax.training import checkpoint
 
   ckpt_dir = checkpoint.directory(workdir)
   steps = checkpoint.committed_steps(ckpt_dir)
@@ -120,32 +120,14 @@ def check_resume(cfg, workdir: str) -> list[str]:
   if saved is None:  # no readable config: the restore itself will tell
     return []
   where = f'{ckpt_dir} (step {step})'
-
-  try:
-    saved_model = model_config.from_config(ml_collections.ConfigDict(saved['model']))
-  except (KeyError, TypeError, ValueError, AttributeError):
-    saved_model = None  # a config of an older layout: the restore reports what does not fit
-  if saved_model is not None:
-    model = model_config.from_config(cfg.model)
-    changed = [
-      f'model.{name} {getattr(saved_model, name)} -> {getattr(model, name)}'
-      for name in SHAPE_FIELDS
-      if getattr(saved_model, name) != getattr(model, name)
-    ]
-    if changed:
-      raise ValueError(
-        f'{where} holds another model shape: {", ".join(changed)} (checkpoint -> config). '
-        'Resume with the saved shape, or train the new shape in another --workdir '
-        '(--config.init_from takes parameters of the same shape); the checkpoints are intact'
-      )
-
-  changed = []
-  for key in sorted(
-    set(optim.schedule_keys(saved.get('optim', {}))) | set(optim.schedule_keys(cfg.optim))
-  ):
-    old, new = _lookup(saved, key), _lookup(cfg.to_dict(), key)
-    if old is not _MISSING and old != new:
-      changed.append(f'{key} {old!r} -> {new!r}')
+  changed = _shape_changes(saved, cfg)
+  if changed:
+    raise ValueError(
+      f'{where} holds another model shape: {", ".join(changed)} (checkpoint -> config). '
+      'Resume with the saved shape, or train the new shape in another --workdir '
+      '(--config.init_from takes parameters of the same shape); the checkpoints are intact'
+    )
+  changed = _schedule_changes(saved, cfg)
   if not changed:
     return []
   rates = _rates_at(saved, cfg, step)
@@ -159,6 +141,36 @@ def check_resume(cfg, workdir: str) -> list[str]:
     f'learning-rate schedule changed on resume (resume_schedule_change=True): '
     f'{", ".join(changed)}{rates}'
   ]
+
+
+def _shape_changes(saved: dict, cfg) -> list[str]:
+  """'model.num_layers 2 -> 3' for each SHAPE_FIELDS value the saved run config differs in."""
+  from k2jax.model import config as model_config
+
+  try:
+    old = model_config.from_config(ml_collections.ConfigDict(saved['model']))
+  except (KeyError, TypeError, ValueError, AttributeError):
+    return []  # a config of an older layout: the restore reports what does not fit
+  new = model_config.from_config(cfg.model)
+  return [
+    f'model.{name} {getattr(old, name)} -> {getattr(new, name)}'
+    for name in SHAPE_FIELDS
+    if getattr(old, name) != getattr(new, name)
+  ]
+
+
+def _schedule_changes(saved: dict, cfg) -> list[str]:
+  """'total_steps 200 -> 300' for each key either schedule reads whose value differs."""
+  from k2jax.training import optim
+
+  keys = set(optim.schedule_keys(saved.get('optim', {}))) | set(optim.schedule_keys(cfg.optim))
+  current = cfg.to_dict()
+  changed = []
+  for key in sorted(keys):
+    old, new = _lookup(saved, key), _lookup(current, key)
+    if old is not _MISSING and old != new:
+      changed.append(f'{key} {old!r} -> {new!r}')
+  return changed
 
 
 _MISSING = object()
@@ -227,7 +239,7 @@ def run(prepared: dict, stop_after: int | None = None) -> list[dict]:
     monitor.info(note)
   if jax.process_index() == 0:
     with open(os.path.join(prepared['workdir'], 'config.json'), 'w') as f:
-      f.write(cfg.to_json_best_effort(indent=2))
+      json.dump(run_config.saved_form(cfg), f, indent=2)
 
   checkpoints = checkpoint.Checkpoints(prepared['workdir'], cfg)
   try:
