@@ -3,7 +3,7 @@
 `python benchmarks/step_throughput.py [--steps=N --batch=B --seq_len=L --threads=T]`
 
 One full training step (forward, backward, clip, AdamW update) of a small K2-shaped decoder,
-timed in k2jax (the library's jitted train step, as k2jax/train.py builds it) and in HF
+timed in k2jax (the library's jitted train step, as k2jax/training/run.py builds it) and in HF
 `LlamaForCausalLM` + `torch.optim.AdamW`. Each framework runs in its own subprocess, one after
 the other, with the same thread count, so neither competes for cores or allocator. The
 parent prints a table of medians over repetitions and the ratio k2jax / HF.
@@ -159,7 +159,7 @@ def run_k2jax(args) -> dict:
   total_steps = 1000
   mesh_cfg = ml_collections.ConfigDict(dict(data=-1, tensor=1, sequence=1))
 
-  # The same construction as k2jax/train.py, on a 1-device mesh.
+  # The same construction as k2jax/training/run.py, on a 1-device mesh.
   mesh = sharding.make_mesh(mesh_cfg)
   batch_sharding = sharding.batch_sharding(mesh, (args.batch, args.seq_len))
   model = Transformer(model_cfg)

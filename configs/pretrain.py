@@ -1,4 +1,4 @@
-"""K2-V2 pre-training: 1.25M steps of 1200 x 8192 tokens on TxT360 (K2V2.md, "Pre-training").
+"""K2-V2 pre-training: 1.25M steps of 1200 x 8192 tokens on TxT360 (docs/recipe.md).
 
 Prepare each TxT360 source once (docs/data.md), then launch the same command on every host:
   python -m k2jax.train --config=configs/pretrain.py --workdir=/ckpt/pretrain \

@@ -1,4 +1,4 @@
-"""K2-V2 SFT on TxT360-3efforts: three reasoning efforts, tool use (K2V2.md, "SFT").
+"""K2-V2 SFT on TxT360-3efforts: three reasoning efforts, tool use (docs/recipe.md).
 
 Conversations are rendered with the ChatML template, one sample per assistant turn, loss on
 the assistant's reasoning and answer only (data_pipeline/chat.py). Launch from the last

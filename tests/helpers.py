@@ -219,3 +219,30 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
+
+
+def hf_llama(cfg, seed: int = 0, **config):
+  """The oracle: HF's LlamaForCausalLM (fp32, eval mode) of a ModelConfig's shape, randomly
+  initialised with `seed`; `config` adds or overrides LlamaConfig fields."""
+  torch = require_oracle('torch')
+  transformers = require_oracle('transformers')
+  hf_config = transformers.LlamaConfig(
+    **{
+      'vocab_size': cfg.vocab_size,
+      'hidden_size': cfg.hidden_size,
+      'intermediate_size': cfg.ffn_size,
+      'num_hidden_layers': cfg.num_layers,
+      'num_attention_heads': cfg.num_heads,
+      'num_key_value_heads': cfg.num_kv_heads,
+      'head_dim': cfg.head_dim,
+      'rope_theta': cfg.rope_base,
+      'rms_norm_eps': cfg.norm_eps,
+      'tie_word_embeddings': False,
+      'attention_bias': False,
+      'mlp_bias': False,
+      'max_position_embeddings': 256,
+      **config,
+    }
+  )
+  torch.manual_seed(seed)
+  return transformers.LlamaForCausalLM(hf_config).eval()

@@ -17,13 +17,14 @@ from safetensors import safe_open
 from data_pipeline import chat
 from data_pipeline.tokenizer import load_tokenizer
 from k2jax import convert as convert_cli
-from k2jax import run_config, train
+from k2jax import run_config
 from k2jax.hf import convert, safetensors_io
 from k2jax.hf import tokenizer as hf_tokenizer
 from k2jax.model import config as model_config
 from k2jax.model.transformer import Transformer
 from k2jax.parallel import sharding
 from k2jax.training import checkpoint, train_step
+from k2jax.training import run as training_run
 from tests.helpers import REPO, require_oracle, run_cli
 
 torch = require_oracle('torch')
@@ -152,7 +153,7 @@ def test_round_trip_is_bit_exact_and_works_as_init_from(run, exported, tmp_path)
   # The output is an init_from source for the same stage: the real hand-off path.
   cfg = tiny_stage()
   cfg.init_from = back
-  prepared = train.prepare(cfg, str(tmp_path / 'next_stage'))
+  prepared = training_run.prepare(cfg, str(tmp_path / 'next_stage'))
   assert prepared['init_from'] == back
   loaded = jax.device_get(checkpoint.load_params(back, plan))
   for path, value in sharding_paths(loaded).items():
@@ -160,7 +161,7 @@ def test_round_trip_is_bit_exact_and_works_as_init_from(run, exported, tmp_path)
       np.testing.assert_allclose(value, sharding_paths(params)[path], atol=6e-8, rtol=0)
     else:
       np.testing.assert_array_equal(value, sharding_paths(params)[path])
-  # from-hf copies the HF folder's tokenizer beside the parameters and names it (issue 9, 12).
+  # from-hf copies the HF folder's tokenizer beside the parameters and names it.
   saved = checkpoint.read_run_config(back)
   assert saved['data']['tokenizer'] == os.path.join(back, 'tokenizer', 'tokenizer.json')
   assert sorted(os.listdir(os.path.join(back, 'tokenizer'))) == [

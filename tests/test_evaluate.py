@@ -88,7 +88,7 @@ def test_evaluate_cli_json_and_errors(workdir, capsys):
 
 
 def test_a_checkpoint_without_tokenizer_says_how_to_give_one(tmp_path):
-  """Issue 9 (15): the run config of a converted HF folder without tokenizer files names
+  """The run config of a converted HF folder without tokenizer files names
   none: the message says what needs one and how to give it, never an empty name."""
   loaded = load.Loaded(
     params=None,

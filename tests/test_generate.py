@@ -17,6 +17,7 @@ from k2jax.training import train_step
 from tests.helpers import (
   DEMO_TOKENIZER,
   TINY,
+  hf_llama,
   hf_to_params,
   make_checkpoint,
   random_params,
@@ -37,29 +38,9 @@ PARAMS = random_params(TINY)
 
 
 def hf_model(cfg, seed=0):
-  torch = require_oracle('torch')
-  transformers = require_oracle('transformers')
-  hf_config = transformers.LlamaConfig(
-    vocab_size=cfg.vocab_size,
-    hidden_size=cfg.hidden_size,
-    intermediate_size=cfg.ffn_size,
-    num_hidden_layers=cfg.num_layers,
-    num_attention_heads=cfg.num_heads,
-    num_key_value_heads=cfg.num_kv_heads,
-    head_dim=cfg.head_dim,
-    rope_theta=cfg.rope_base,
-    rms_norm_eps=cfg.norm_eps,
-    tie_word_embeddings=False,
-    attention_bias=False,
-    mlp_bias=False,
-    max_position_embeddings=256,
-    initializer_range=0.1,
-    bos_token_id=0,
-    eos_token_id=EOS,
-    pad_token_id=0,
+  return hf_llama(
+    cfg, seed, initializer_range=0.1, bos_token_id=0, eos_token_id=EOS, pad_token_id=0
   )
-  torch.manual_seed(seed)
-  return transformers.LlamaForCausalLM(hf_config).eval()
 
 
 def test_greedy_matches_hf_generate():
@@ -255,7 +236,7 @@ def cli_error(capsys, *args) -> str:
     (('--checkpoint=/nonexistent',), 'give at least one --prompt'),
     (('--checkpoint=x', '--prompt_ids=1,a'), '--prompt_ids=1,a: expected comma-separated'),
     (('--checkpoint=x', '--prompt_ids=1', '--chat'), '--chat renders --prompt text'),
-    # Issue 9 (13): chat options without --chat were silently ignored.
+    # Chat options without --chat must not be silently ignored.
     (
       ('--checkpoint=x', '--prompt=a', '--reasoning_effort=low'),
       '--reasoning_effort applies to --chat prompts only: add --chat, or drop --reasoning_effort',
@@ -275,9 +256,9 @@ def test_cli_error_exit_status_and_stderr_in_a_subprocess():
 
 
 def test_ids_in_ids_out_need_no_tokenizer(tmp_path, capsys):
-  """Issue 9 (3, 15): a checkpoint whose run config names no tokenizer (a converted HF folder
+  """A checkpoint whose run config names no tokenizer (a converted HF folder
   without tokenizer files) generates ids; text options say what needs a tokenizer and how to
-  give one; a folder holding only tokenizer.model is a tokenizer (12)."""
+  give one; a folder holding only tokenizer.model is a tokenizer."""
   from data_pipeline.tokenizer import load_tokenizer
 
   make_checkpoint(tmp_path / 'run', tokenizer='')

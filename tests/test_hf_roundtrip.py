@@ -58,7 +58,7 @@ def test_demo_model_exports_to_hf_and_generates_the_same_text(demo_run, exported
 
 
 def test_from_hf_records_the_tokenizer_and_generates_text(demo_run, exported, tmp_path, capsys):
-  """Issue 9 (12): from-hf of a folder holding tokenizer.model (no tokenizer.json) records it,
+  """from-hf of a folder holding tokenizer.model (no tokenizer.json) records it,
   so the converted checkpoint generates text with no --tokenizer, as the run it came from;
   `--tokenizer=<HF folder>` works too, and so does the checkpoint once moved elsewhere."""
   assert {'tokenizer.model', 'tokenizer_config.json'} <= set(os.listdir(exported))

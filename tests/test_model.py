@@ -11,7 +11,7 @@ import pytest
 from k2jax.model import config as model_config
 from k2jax.model.transformer import Transformer
 from k2jax.training import train_step
-from tests.helpers import TINY, hf_to_params, require_oracle
+from tests.helpers import TINY, hf_llama, hf_to_params, require_oracle
 
 
 def init_params(cfg, seed=0, length=16):
@@ -23,25 +23,8 @@ def init_params(cfg, seed=0, length=16):
 @pytest.mark.parametrize('num_kv_heads,rope_base', [(4, 1e4), (2, 5e5), (1, 1e7)])
 def test_logits_match_hf_llama(num_kv_heads, rope_base):
   torch = require_oracle('torch')
-  transformers = require_oracle('transformers')
   cfg = dataclasses.replace(TINY, num_kv_heads=num_kv_heads, rope_base=rope_base)
-  hf_config = transformers.LlamaConfig(
-    vocab_size=cfg.vocab_size,
-    hidden_size=cfg.hidden_size,
-    intermediate_size=cfg.ffn_size,
-    num_hidden_layers=cfg.num_layers,
-    num_attention_heads=cfg.num_heads,
-    num_key_value_heads=cfg.num_kv_heads,
-    head_dim=cfg.head_dim,
-    rope_theta=rope_base,
-    rms_norm_eps=cfg.norm_eps,
-    tie_word_embeddings=False,
-    attention_bias=False,
-    mlp_bias=False,
-    max_position_embeddings=256,
-  )
-  torch.manual_seed(0)
-  hf_model = transformers.LlamaForCausalLM(hf_config).eval()
+  hf_model = hf_llama(cfg)
   with torch.no_grad():  # non-trivial norm weights, so the (1+w) mapping is exercised
     for name, p in hf_model.named_parameters():
       if 'norm' in name:
@@ -152,7 +135,7 @@ def test_param_counts():
   debug = model_config.ModelConfig(**model_config.PRESETS['debug'])
   params = init_params(debug)
   assert sum(x.size for x in jax.tree.leaves(params)) == debug.param_count()
-  # K2V2.md: 80 x (2 x 8192 x 128 x (64 + 8) + 3 x 8192 x 28672 + 2 x 8192) + 8192
+  # docs/recipe.md: 80 x (2 x 8192 x 128 x (64 + 8) + 3 x 8192 x 28672 + 2 x 8192) + 8192
   #          + 2 x 250112 x 8192 ≈ 72.5B, 68.5B without embeddings.
   k2 = model_config.ModelConfig(**model_config.PRESETS['k2v2_70b'])
   per_layer = 2 * 8192 * 128 * (64 + 8) + 3 * 8192 * 28672 + 2 * 8192

@@ -29,7 +29,6 @@ from k2jax import run_config
 from k2jax.hf.safetensors_io import HFReader, SafetensorsShards, hf_weights
 from k2jax.hf.schema import (
   LAYER_PREFIX,
-  SHAPE_FIELDS,
   TENSORS,
   hf_config,
   hf_entries,
@@ -250,14 +249,14 @@ def _stage_run_config(model, max_positions: int, hf_dir: str, config: str | None
     'model': {
       'preset': preset_of(model),
       'param_dtype': 'float32',
-      **{f: getattr(model, f) for f in SHAPE_FIELDS + ('rope_base', 'norm_eps')},
+      **{f: getattr(model, f) for f in model_config.SHAPE_FIELDS + ('rope_base', 'norm_eps')},
     },
     'data': {'seq_len': max_positions, 'tokenizer': ''},  # set by from_hf when there is one
   }
   if config:
     stage = run_config.load(config)
     wanted = model_config.from_config(stage.model)
-    for field in SHAPE_FIELDS + ('norm_eps',):
+    for field in model_config.SHAPE_FIELDS + ('norm_eps',):
       if getattr(wanted, field) != getattr(model, field):
         raise ValueError(
           f'{hf_dir}/config.json: model.{field} is {getattr(model, field)} but '

@@ -212,20 +212,9 @@ def model_config_from_hf(hf: dict, where: str) -> tuple[model_config.ModelConfig
   return cfg, int(_field(hf, 'max_position_embeddings', where, 4096))
 
 
-SHAPE_FIELDS = (
-  'vocab_size',
-  'hidden_size',
-  'ffn_size',
-  'num_layers',
-  'num_heads',
-  'num_kv_heads',
-  'head_dim',
-)
-
-
 def preset_of(cfg: model_config.ModelConfig) -> str:
   """The name of the preset with `cfg`'s shape ('debug' when none has it)."""
-  shape = {f: getattr(cfg, f) for f in SHAPE_FIELDS}
+  shape = {f: getattr(cfg, f) for f in model_config.SHAPE_FIELDS}
   return next((name for name, p in model_config.PRESETS.items() if p == shape), 'debug')
 
 

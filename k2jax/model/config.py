@@ -1,6 +1,6 @@
 """The model's shape as a frozen dataclass, its presets, and parameter / FLOP counts.
 
-Every K2-V2 stage uses the same architecture (see K2V2.md): only the RoPE base and the
+Every K2-V2 stage uses the same architecture (docs/recipe.md): only the RoPE base and the
 sequence length change between stages, and those come from the stage config.
 """
 
@@ -10,6 +10,18 @@ import math
 import jax.numpy as jnp
 
 K2V2_VOCAB = 250112  # K2-V2's released vocabulary (Megatron pads it during training)
+
+
+# The fields that decide parameter shapes: a checkpoint saved with other values cannot load.
+SHAPE_FIELDS = (
+  'vocab_size',
+  'hidden_size',
+  'ffn_size',
+  'num_layers',
+  'num_heads',
+  'num_kv_heads',
+  'head_dim',
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,15 +45,7 @@ class ModelConfig:
   attention: str = 'xla'  # attention backend, see attention.BACKENDS
 
   def __post_init__(self):
-    for name in (
-      'vocab_size',
-      'hidden_size',
-      'ffn_size',
-      'num_layers',
-      'num_heads',
-      'num_kv_heads',
-      'head_dim',
-    ):
+    for name in SHAPE_FIELDS:
       value = getattr(self, name)
       if not isinstance(value, int) or value <= 0:
         raise ValueError(f'model.{name} must be a positive integer, got {value!r}')
@@ -87,7 +91,7 @@ class ModelConfig:
     return body + 2 * self.vocab_size * self.hidden_size
 
   def flops_per_token(self, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward), as K2V2.md counts them.
+    """Training FLOPs per token (forward + backward), as docs/recipe.md counts them.
 
     6 x (non-embedding parameters + output head) for the matmuls, plus causal attention:
     QK^T and AV each cost 2 * (seq_len / 2) * heads * head_dim per token and layer forward,
@@ -131,7 +135,7 @@ PRESETS = {
     num_kv_heads=8,
     head_dim=128,
   ),
-  # K2-V2 70B (K2V2.md, "Model").
+  # K2-V2 70B (docs/recipe.md, "Model").
   'k2v2_70b': dict(
     vocab_size=K2V2_VOCAB,
     hidden_size=8192,

@@ -3,7 +3,7 @@
 Layers are stacked with `nn.scan`, so every block parameter has a leading `layers` axis and
 compile time does not grow with depth. Remat wraps the block inside the scan.
 
-Decoding (k2jax/generate.py) passes a KV cache from `init_cache`: K/V of every layer in one
+Decoding (k2jax/infer/generation.py) passes a KV cache from `init_cache`: K/V of every layer in one
 array with a leading `layers` axis, carried through the same scan (each layer writes its
 slice in place), plus each slot's segment id (0: empty or padding) and the next write slot.
 """

@@ -14,17 +14,6 @@ import ml_collections
 
 from k2jax import run_config
 
-# The ModelConfig fields that decide parameter shapes: a checkpoint of another value cannot resume.
-SHAPE_FIELDS = (
-  'vocab_size',
-  'hidden_size',
-  'ffn_size',
-  'num_layers',
-  'num_heads',
-  'num_kv_heads',
-  'head_dim',
-)
-
 
 def train(cfg, workdir: str, stop_after: int | None = None) -> list[dict]:
   """Runs the stage described by `cfg`; returns the records written to metrics.jsonl.
@@ -144,7 +133,7 @@ def check_resume(cfg, workdir: str) -> list[str]:
 
 
 def _shape_changes(saved: dict, cfg) -> list[str]:
-  """'model.num_layers 2 -> 3' for each SHAPE_FIELDS value the saved run config differs in."""
+  """'model.num_layers 2 -> 3' for each shape field the saved run config differs in."""
   from k2jax.model import config as model_config
 
   try:
@@ -154,7 +143,7 @@ def _shape_changes(saved: dict, cfg) -> list[str]:
   new = model_config.from_config(cfg.model)
   return [
     f'model.{name} {getattr(old, name)} -> {getattr(new, name)}'
-    for name in SHAPE_FIELDS
+    for name in model_config.SHAPE_FIELDS
     if getattr(old, name) != getattr(new, name)
   ]
 
