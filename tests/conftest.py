@@ -14,9 +14,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
-os.environ['XLA_FLAGS'] = (
-  os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
-).strip()
+if '--xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (
+    os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+  ).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # Every program compiled by any test or command is cached on disk: the same train step compiled
 # by a dozen CLI runs is compiled once. K2JAX_TEST_CACHE= (empty) turns it off.

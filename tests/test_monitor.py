@@ -78,7 +78,11 @@ def test_a_run_writes_no_webhook_url_and_no_library_info_lines(tmp_path):
   """A short CLI run with checkpoints and a webhook from the environment: the URL is in no
   file of the workdir (config.json, checkpoints, metrics), and stderr carries no INFO lines."""
   common = ['--config=configs/pretrain.py:debug', '--config.total_steps=2']
-  common += ['--config.checkpoint.every=1', '--config.eval_every=0']
+  common += [
+    '--config.optim.warmup_steps=1',
+    '--config.checkpoint.every=1',
+    '--config.eval_every=0',
+  ]
   env_run = run_cli(
     'k2jax.train',
     *common,
