@@ -4,8 +4,6 @@ MFU, profiling, time-based saves and the `python -m k2jax.monitor` summary."""
 import http.server
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 
@@ -18,8 +16,8 @@ import pytest
 from k2jax import run_config
 from k2jax.observe import alerts
 from k2jax.training import checkpoint, optim, stability, train_step
-from k2jax.training.run import prepare, run, train
-from tests.helpers import REPO, read_metrics, small_config
+from k2jax.training.run import prepare, run
+from tests.helpers import read_metrics, small_config
 
 
 class Injector(grain.DatasetIterator):
@@ -275,28 +273,16 @@ def test_bad_monitor_and_stability_settings(override, message):
     run_config.validate(cfg)
 
 
-def test_monitor_command_summarises_a_run(tmp_path):
-  train(
-    small_config(total_steps=4, **{'checkpoint.every': 2, 'optim.warmup_steps': 1}), str(tmp_path)
-  )
-  result = subprocess.run(
-    [sys.executable, '-m', 'k2jax.monitor', str(tmp_path), '--output=json'],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
-  assert result.returncode == 0, result.stderr
-  summary = json.loads(result.stdout)
-  assert summary['step'] == 4 and summary['total_steps'] == 4
-  assert summary['checkpoints'] == [2, 4] and summary['rollbacks'] == []
+def test_monitor_command_summarises_a_run(demo_run, tmp_path, capsys):
+  from k2jax import monitor as monitor_command
+
+  plot = tmp_path / 'summary.png'  # not into the shared run
+  assert monitor_command.main([str(demo_run), f'--out={plot}', '--output=json']) == 0
+  summary = json.loads(capsys.readouterr().out)
+  assert summary['step'] == 100 and summary['total_steps'] == 100
+  assert summary['checkpoints'] == [50, 100] and summary['rollbacks'] == []
   with open(summary['plot'], 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
-  text = subprocess.run(
-    [sys.executable, '-m', 'k2jax.monitor', str(tmp_path)],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=120,
-  ).stdout
-  assert 'step 4 of 4' in text and 'rollbacks none' in text
+  assert monitor_command.main([str(demo_run), f'--out={plot}']) == 0
+  text = capsys.readouterr().out
+  assert 'step 100 of 100' in text and 'rollbacks none' in text
