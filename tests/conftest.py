@@ -47,7 +47,7 @@ def _shared_dir(tmp_path_factory):
 @pytest.fixture(scope='session')
 def demo_run(tmp_path_factory):
   """The workdir of `make demo`'s run (100 steps of configs/pretrain.py:debug), trained by the
-  CLI once per session. Read it, or `helpers.copy_run` it before writing anything into it."""
+  CLI once per session and shared by every test: read it, never write into it (copy it first)."""
   shared = _shared_dir(tmp_path_factory)
   path = shared / 'demo_run'
   with open(shared / 'demo_run.lock', 'w') as lock:

@@ -3,7 +3,6 @@
 import importlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -46,12 +45,6 @@ def run_cli(module: str, *args, check: bool = False, timeout: float = 600, env=N
   if check and result.returncode != 0:
     pytest.fail(f'python -m {module} exited {result.returncode}:\n{result.stderr[-4000:]}')
   return result
-
-
-def copy_run(src, dst) -> str:
-  """A private, writable copy of a shared run directory (the shared one is never modified)."""
-  shutil.copytree(src, dst, dirs_exist_ok=True)
-  return str(dst)
 
 
 def require_oracle(module: str):
