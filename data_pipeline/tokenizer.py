@@ -260,6 +260,25 @@ _ACCEPTED_FORMS = (
 )
 
 
+def tokenizer_file(path: str) -> str:
+  """The tokenizer file `path` names: a file as it is; a folder's tokenizer.json, else its
+  tokenizer.model. An HF folder may hold both (the fast and the slow tokenizer): the same
+  vocabulary, and tokenizer.json is what HF's fast tokenizer, and K2-V2, use.
+  FileNotFoundError naming the path when there is none."""
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    for name in (HF_TOKENIZER_FILE, SP_TOKENIZER_FILE):
+      if os.path.isfile(os.path.join(path, name)):
+        return os.path.join(path, name)
+    raise FileNotFoundError(
+      f'tokenizer folder {path} holds neither {HF_TOKENIZER_FILE} nor {SP_TOKENIZER_FILE}; '
+      f'expected {_ACCEPTED_FORMS}'
+    )
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'tokenizer {path} does not exist')
+  return path
+
+
 def load_tokenizer(path: str) -> Tokenizer:
   """Loads the tokenizer at `path`, choosing the implementation by its form."""
   if path is None or not str(os.fspath(path)).strip():
@@ -269,18 +288,10 @@ def load_tokenizer(path: str) -> Tokenizer:
     )
   path = os.fspath(path)
   if os.path.isdir(path):
-    # An HF folder may hold both (the fast and the slow tokenizer): the same vocabulary,
-    # and tokenizer.json is what HF's fast tokenizer, and K2-V2, use.
-    hf_file = os.path.join(path, HF_TOKENIZER_FILE)
-    if os.path.isfile(hf_file):
-      return HFTokenizer(hf_file)
-    sp_file = os.path.join(path, SP_TOKENIZER_FILE)
-    if os.path.isfile(sp_file):
-      return SentencePieceTokenizer(sp_file)
-    raise ValueError(
-      f'tokenizer folder {path} holds neither {HF_TOKENIZER_FILE} nor {SP_TOKENIZER_FILE}; '
-      f'expected {_ACCEPTED_FORMS}'
-    )
+    try:
+      path = tokenizer_file(path)
+    except FileNotFoundError as error:  # a folder that is there but holds no tokenizer
+      raise ValueError(str(error)) from None
   if path.endswith('.model'):
     return SentencePieceTokenizer(path)
   if path.endswith('.json'):

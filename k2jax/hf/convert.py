@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 
+from data_pipeline.tokenizer import tokenizer_file
 from k2jax import run_config
 from k2jax.hf.safetensors_io import HFReader, SafetensorsShards, hf_weights
 from k2jax.hf.schema import (
@@ -46,7 +47,6 @@ from k2jax.hf.tokenizer import (
   checkpoint_tokenizer,
   export_tokenizer,
   import_tokenizer,
-  tokenizer_file,
 )
 from k2jax.model import config as model_config
 

@@ -2,9 +2,9 @@
 
 Owns `CHAT_TEMPLATE`, data_pipeline/chat.py's rendering (reasoning_effort, tool calls) written
 as Jinja; `export_tokenizer`, which writes what AutoTokenizer loads (to-hf); `import_tokenizer`,
-which copies an HF folder's tokenizer files beside a converted checkpoint (from-hf); and
-`tokenizer_file`, the file a tokenizer path names (a folder holds `tokenizer.json` or
-`tokenizer.model`). Kept apart from the weights because it changes with the chat format, not
+which copies an HF folder's tokenizer files beside a converted checkpoint (from-hf). A
+folder names its `tokenizer.json` or `tokenizer.model` (data_pipeline.tokenizer.tokenizer_file).
+Kept apart from the weights because it changes with the chat format, not
 with the model.
 """
 
@@ -12,32 +12,13 @@ import contextlib
 import os
 import shutil
 
+from data_pipeline.tokenizer import tokenizer_file
 from k2jax.hf.schema import read_json, write_json
 
-# The tokenizer files of an HF folder, the first found in this order is the tokenizer: a fast
-# tokenizer's tokenizer.json (K2-V2's), else a SentencePiece tokenizer.model (what to-hf writes
-# for a .model, and what Llama-style folders without tokenizer.json hold).
-TOKENIZER_FILES = ('tokenizer.json', 'tokenizer.model')
-# Copied beside them by from-hf: the special tokens and the chat template (data, never code).
+# Copied beside the tokenizer file by from-hf: the special tokens and the chat template (data, never code).
 TOKENIZER_CONFIG_FILES = ('tokenizer_config.json', 'special_tokens_map.json')
 # Where from-hf puts the tokenizer in a converted checkpoint (beside params/ and config/).
 CHECKPOINT_TOKENIZER_DIR = 'tokenizer'
-
-
-def tokenizer_file(path: str) -> str:
-  """The tokenizer file `path` names: a file as is; a folder's tokenizer.json, else its
-  tokenizer.model. FileNotFoundError naming the path when there is none."""
-  path = os.fspath(path)
-  if os.path.isdir(path):
-    for name in TOKENIZER_FILES:
-      if os.path.isfile(os.path.join(path, name)):
-        return os.path.join(path, name)
-    raise FileNotFoundError(
-      f'tokenizer folder {path} holds neither {" nor ".join(TOKENIZER_FILES)}'
-    )
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'tokenizer {path} does not exist')
-  return path
 
 
 def import_tokenizer(hf_dir: str, out_dir: str) -> str | None:

@@ -298,8 +298,7 @@ if LM is not None:
       **unused,
     ):
       super().__init__()
-      from data_pipeline.tokenizer import load_tokenizer
-      from k2jax.hf.tokenizer import tokenizer_file
+      from data_pipeline.tokenizer import load_tokenizer, tokenizer_file
 
       self._mesh = None
       if checkpoint is not None:

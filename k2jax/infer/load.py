@@ -124,15 +124,16 @@ def tokenizer_path(loaded: Loaded, override: str | None = None) -> str | None:
   """The tokenizer file for `loaded`: `override` (--tokenizer), else the one its checkpoint
   names (k2jax.hf.tokenizer.checkpoint_tokenizer); a folder resolves to its tokenizer.json or
   tokenizer.model. None when nothing names one; FileNotFoundError when a named one is gone."""
-  from k2jax.hf import tokenizer as hf_tokenizer
+  from data_pipeline.tokenizer import tokenizer_file
+  from k2jax.hf.tokenizer import checkpoint_tokenizer
 
   if override:
-    return hf_tokenizer.tokenizer_file(override)
-  named = hf_tokenizer.checkpoint_tokenizer(loaded.step_dir, loaded.run_cfg.to_dict())
+    return tokenizer_file(override)
+  named = checkpoint_tokenizer(loaded.step_dir, loaded.run_cfg.to_dict())
   if not named:
     return None
   try:
-    return hf_tokenizer.tokenizer_file(named)
+    return tokenizer_file(named)
   except FileNotFoundError as error:
     raise FileNotFoundError(
       f'{error}: the run config of {loaded.step_dir} names it as data.tokenizer; '
