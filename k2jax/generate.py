@@ -112,10 +112,8 @@ def _prompt_ids(args, tokenizer) -> list[tuple[str | None, list[int]]]:
 
 def _load_tokenizer(args, loaded):
   """The tokenizer, or None when the run names none and ids in, ids out needs none."""
-  need = needs_tokenizer(args)
-  if need is None:
-    return load.load_tokenizer(loaded, args.tokenizer)
-  return load.load_tokenizer(loaded, args.tokenizer, needed_by=need[0], hint=need[1])
+  needed_by, hint = needs_tokenizer(args) or (None, '')
+  return load.load_tokenizer(loaded, args.tokenizer, needed_by=needed_by, hint=hint)
 
 
 def main(argv=None):
