@@ -58,7 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.preset = 'k2v2_70b'  # debug | 1b | 7b | k2v2_70b (k2jax/model/config.py)
   c.model.rope_base = 5e5  # RoPE base frequency; changes per stage
-  c.model.attention = 'xla'  # attention backend (k2jax/model/attention.py)
+  c.model.attention = 'auto'  # auto | xla | blockwise | pallas | cudnn (docs/attention.md)
+  c.model.attention_block_q = ml_collections.config_dict.placeholder(int)  # pallas/blockwise block
+  c.model.attention_block_kv = ml_collections.config_dict.placeholder(int)  # None: backend default
   c.model.remat = 'full'  # none | full | save_dots
   c.model.dtype = 'bfloat16'  # compute dtype
   c.model.param_dtype = 'float32'  # master weights

@@ -1,9 +1,8 @@
-"""Grouped-query attention and its backends.
+"""Grouped-query self-attention: projections, rotary positions, and the configured backend.
 
-A backend is a function (q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL) -> out_BxLxHxD
-computing causal attention in which a token sees only earlier tokens of its own segment
-(document). `xla` is the reference every faster backend (cuDNN, Pallas flash) is tested
-against; they register themselves in BACKENDS.
+The backends (dense reference, blockwise, Pallas flash, cuDNN) live in k2jax/model/kernels and
+share one contract (kernels/reference.py): a query sees the keys at or before its position
+within its own segment (document).
 
 Decoding with a KV cache (see model.init_cache) does not go through a backend: the new
 tokens' K/V are written into the cache at `cache['index']` and the queries attend to the
@@ -15,15 +14,9 @@ import jax
 import jax.numpy as jnp
 
 from k2jax.model.config import ModelConfig
+from k2jax.model.kernels import select as kernel_select
+from k2jax.model.kernels.reference import masked_attention
 from k2jax.model.layers import apply_rope, constrain, weight
-
-
-def attention_mask(segment_ids_BxL):
-  """Causal and same-segment mask, [B, 1, 1, L_query, L_key]."""
-  length = segment_ids_BxL.shape[1]
-  causal_LxL = jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))
-  same_segment_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
-  return (causal_LxL & same_segment_BxLxL)[:, None, None, :, :]
 
 
 def cached_attention_mask(index, segment_ids_BxT, cache_segment_ids_BxS):
@@ -31,48 +24,27 @@ def cached_attention_mask(index, segment_ids_BxT, cache_segment_ids_BxS):
 
   A query sees the slots up to its own that hold its segment; padding and empty slots have
   segment 0, which real tokens (segment >= 1) never match. Positions are explicit per row,
-  so left- and right-padded prompts work alike. [B, 1, 1, T, S].
+  so left- and right-padded prompts work alike. [B, T, S].
   """
   length, slots = segment_ids_BxT.shape[1], cache_segment_ids_BxS.shape[1]
   causal_TxS = index + jnp.arange(length)[:, None] >= jnp.arange(slots)[None, :]
   same_BxTxS = segment_ids_BxT[:, :, None] == cache_segment_ids_BxS[:, None, :]
-  return (causal_TxS & same_BxTxS)[:, None, None, :, :]
+  return causal_TxS & same_BxTxS
 
 
-def masked_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask):
-  """Einsum attention of T queries over S keys under a [B, 1, 1, T, S] mask, softmax in fp32."""
-  batch, length, num_heads, head_dim = q_BxTxHxD.shape
-  num_kv = k_BxSxKxD.shape[2]
-  group = num_heads // num_kv
-  # Query heads h = kv * group + g share KV head kv (the HF / Megatron GQA layout).
-  q_BxTxKxGxD = q_BxTxHxD.reshape(batch, length, num_kv, group, head_dim)
-  scores_BxKxGxTxS = jnp.einsum(
-    'blkgd,bmkd->bkglm', q_BxTxKxGxD, k_BxSxKxD, preferred_element_type=jnp.float32
-  )
-  scores_BxKxGxTxS = scores_BxKxGxTxS * (head_dim**-0.5)
-  # Every token sees at least itself, so no row is fully masked and softmax stays finite.
-  scores_BxKxGxTxS = jnp.where(mask, scores_BxKxGxTxS, jnp.finfo(jnp.float32).min)
-  probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxSxKxD.dtype)
-  out_BxTxKxGxD = jnp.einsum('bkglm,bmkd->blkgd', probs_BxKxGxTxS, v_BxSxKxD)
-  return out_BxTxKxGxD.reshape(batch, length, num_heads, head_dim)
-
-
-def xla_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL):
-  """Plain einsum attention, softmax in fp32. O(L^2) memory: the reference, not the fast path."""
-  return masked_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, attention_mask(segment_ids_BxL))
-
-
-BACKENDS = {
-  'xla': xla_attention,
-}
-
-
-def get_backend(name: str):
-  if name not in BACKENDS:
-    raise ValueError(
-      f'model.attention={name!r} is not an available backend; available: {"|".join(BACKENDS)}'
-    )
-  return BACKENDS[name]
+def get_backend(cfg: ModelConfig, length: int):
+  """The attention function for `cfg.attention` (resolving `auto` for this platform)."""
+  name = cfg.attention
+  if name == 'auto':
+    name = kernel_select.choose(
+      'auto',
+      kernel_select.Platform.current(),
+      q_length=length,
+      kv_length=length,
+      compute_dtype=cfg.dtype,
+      head_dim=cfg.head_dim,
+    ).name
+  return kernel_select.backend(name, block_q=cfg.attention_block_q, block_kv=cfg.attention_block_kv)
 
 
 # Cache arrays [layers, batch, cache length, kv heads, head dim] (see model.init_cache).
@@ -127,7 +99,17 @@ class Attention(nn.Module):
       return jnp.einsum('blhd,hde->ble', out_BxLxHxD, o_HxDxE.astype(compute))
 
     if cache is None:
-      return project(get_backend(cfg.attention)(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL))
+      attend = get_backend(cfg, x_BxLxE.shape[1])
+      out_BxLxHxD = attend(
+        q_BxLxHxD,
+        k_BxLxKxD,
+        v_BxLxKxD,
+        positions_BxL,
+        positions_BxL,
+        segment_ids_BxL,
+        segment_ids_BxL,
+      )
+      return project(out_BxLxHxD)
     # In place in the scan's carry: only this chunk's slots of this layer are written.
     start = (layer, 0, cache['index'], 0, 0)
     cache = dict(cache)

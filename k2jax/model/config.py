@@ -42,7 +42,9 @@ class ModelConfig:
   dtype: str = 'bfloat16'  # compute dtype
   param_dtype: str = 'float32'  # master weights
   remat: str = 'full'  # none | full | save_dots
-  attention: str = 'xla'  # attention backend, see attention.BACKENDS
+  attention: str = 'auto'  # auto | xla | blockwise | pallas | cudnn (model/kernels/select.py)
+  attention_block_q: int | None = None  # query block of blockwise / pallas (None: its default)
+  attention_block_kv: int | None = None  # key/value block of blockwise / pallas
 
   def __post_init__(self):
     for name in SHAPE_FIELDS:
@@ -56,6 +58,14 @@ class ModelConfig:
       )
     if self.head_dim % 2:
       raise ValueError(f'model.head_dim={self.head_dim} must be even for rotary embeddings')
+    if self.attention not in ATTENTION_CHOICES:
+      raise ValueError(
+        f'model.attention={self.attention!r} is not one of {"|".join(ATTENTION_CHOICES)}'
+      )
+    for name in ('attention_block_q', 'attention_block_kv'):
+      value = getattr(self, name)
+      if value is not None and (not isinstance(value, int) or value < 8 or value & (value - 1)):
+        raise ValueError(f'model.{name} must be a power of two >= 8, got {value!r}')
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f'model.remat={self.remat!r} is not one of {"|".join(REMAT_POLICIES)}')
     for name in ('dtype', 'param_dtype'):
@@ -103,6 +113,7 @@ class ModelConfig:
 
 
 REMAT_POLICIES = ('none', 'full', 'save_dots')
+ATTENTION_CHOICES = ('auto', 'xla', 'blockwise', 'pallas', 'cudnn')
 
 PRESETS = {
   # Trains on a CPU in seconds; every dim divisible by 8 so all test meshes apply.
