@@ -34,17 +34,7 @@ def cached_attention_mask(index, segment_ids_BxT, cache_segment_ids_BxS):
 
 def get_backend(cfg: ModelConfig, length: int):
   """The attention function for `cfg.attention` (resolving `auto` for this platform)."""
-  name = cfg.attention
-  if name == 'auto':
-    name = kernel_select.choose(
-      'auto',
-      kernel_select.Platform.current(),
-      q_length=length,
-      kv_length=length,
-      compute_dtype=cfg.dtype,
-      head_dim=cfg.head_dim,
-    ).name
-  return kernel_select.backend(name, block_q=cfg.attention_block_q, block_kv=cfg.attention_block_kv)
+  return kernel_select.for_model(cfg, length)
 
 
 # Cache arrays [layers, batch, cache length, kv heads, head dim] (see model.init_cache).

@@ -45,6 +45,7 @@ class ModelConfig:
   attention: str = 'auto'  # auto | xla | blockwise | pallas | cudnn (model/kernels/select.py)
   attention_block_q: int | None = None  # query block of blockwise / pallas (None: its default)
   attention_block_kv: int | None = None  # key/value block of blockwise / pallas
+  documents: bool = True  # rows may pack documents (segment ids vary); set from data.packing
 
   def __post_init__(self):
     for name in SHAPE_FIELDS:

@@ -190,3 +190,34 @@ def devices_summary() -> str:
 def host_array(sharding: NamedSharding, local: np.ndarray) -> jax.Array:
   """Assembles each process's slice of the batch into one global jax.Array."""
   return jax.make_array_from_process_local_data(sharding, local)
+
+
+def per_device(fn, in_axes, out_axes):
+  """Runs `fn` on each device's own block of its arguments (for kernels XLA cannot partition).
+
+  A Pallas or cuDNN custom call is opaque to XLA's partitioner, which would gather its inputs
+  whole onto every device. Under the current mesh and logical rules this maps `fn` with
+  `shard_map` instead: each argument split by its logical axes (`in_axes`, one tuple per
+  argument; None: whole), the result assembled by `out_axes`. Outside a mesh, `fn` itself.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return fn
+
+  def spec(axes):
+    return PartitionSpec(*nn.logical_to_mesh_axes(axes))
+
+  return jax.shard_map(
+    fn,
+    in_specs=tuple(spec(axes) for axes in in_axes),
+    out_specs=spec(out_axes),
+    # Pallas outputs carry no varying-manual-axes type in this JAX (see long_context.md §2).
+    check_vma=False,
+  )
+
+
+def local_size(mesh: Mesh, size: int, logical_axis: str, fsdp: bool = False) -> int:
+  """How much of a dimension of `size` named `logical_axis` one device holds."""
+  axes = logical_rules(fsdp).get(logical_axis)
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+  return max(1, size // math.prod(mesh.shape[axis] for axis in axes))

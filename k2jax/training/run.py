@@ -215,8 +215,9 @@ def run(prepared: dict, stop_after: int | None = None) -> list[dict]:
   monitor.info(
     f'model {cfg.model.preset}: {model_cfg.param_count() / 1e6:,.1f}M parameters, '
     f'{model_cfg.num_layers} layers, remat {model_cfg.remat}, '
-    f'attention {model_cfg.attention}, compute {model_cfg.dtype}'
+    f'compute {model_cfg.dtype}'
   )
+  monitor.info(f'attention {plan.attention.name}: {plan.attention.reason}')
   batches = prepared['train_batches']
   if len(batches.names) > 1:
     asked = ', '.join(f'{n} {s:.1%}' for n, s in zip(batches.names, batches.requested_shares))

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from k2jax.model import config as model_config
+from k2jax.model.kernels import select as attention_select
 from k2jax.model.transformer import Transformer
 from k2jax.parallel import sharding
 from k2jax.training import optim
@@ -167,7 +168,8 @@ def make_eval_step(model: Transformer):
 class Plan:
   """What a run compiles: model, optimizer, mesh, and where every array lives."""
 
-  model_cfg: Any
+  model_cfg: Any  # with `attention` resolved to the backend the step uses
+  attention: attention_select.Choice  # that backend, and why
   model: Transformer
   mesh: Any
   tx: optax.GradientTransformation
@@ -187,6 +189,30 @@ class Plan:
     )
 
 
+def choose_attention(cfg, model_cfg, mesh, micro_batch: int):
+  """Resolves `model.attention` for the mesh's devices and the run's rows, checked to fit."""
+  platform = attention_select.Platform.of(mesh.devices.flat[0])
+  documents = cfg.data.packing != 'concat'  # concat rows are one causal sequence
+  seq_len = cfg.data.seq_len
+  choice = attention_select.choose(
+    model_cfg.attention,
+    platform,
+    q_length=seq_len,
+    kv_length=seq_len,
+    compute_dtype=model_cfg.dtype,
+    head_dim=model_cfg.head_dim,
+    documents=documents,
+  )
+  attention_select.check_fits(
+    choice,
+    platform,
+    batch=sharding.local_size(mesh, micro_batch, 'activation_batch'),
+    heads=sharding.local_size(mesh, model_cfg.num_heads, 'activation_heads'),
+    length=seq_len,
+  )
+  return dataclasses.replace(model_cfg, attention=choice.name, documents=documents), choice
+
+
 def plan(cfg, devices=None) -> Plan:
   """Builds the run's plan from a validated config; no device memory is touched.
 
@@ -198,12 +224,14 @@ def plan(cfg, devices=None) -> Plan:
   micro_batch = cfg.data.global_batch_size // cfg.optim.grad_accum_steps
   batch_sharding = sharding.batch_sharding(mesh, (micro_batch, seq_len), fsdp)
   sharding.check_activations(mesh, model_cfg, seq_len, fsdp)
+  model_cfg, attention = choose_attention(cfg, model_cfg, mesh, micro_batch)
   model = Transformer(model_cfg)
   boxed = abstract_params(model, seq_len)
   tx = optim.make_optimizer(cfg.optim, cfg.total_steps, weight_decay_mask(boxed))
   abstract_state, state_sharding = state_shardings(mesh, tx, boxed, fsdp)
   return Plan(
     model_cfg=model_cfg,
+    attention=attention,
     model=model,
     mesh=mesh,
     tx=tx,

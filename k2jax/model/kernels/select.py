@@ -14,6 +14,8 @@ import functools
 
 import jax
 
+from k2jax.parallel import sharding
+
 NAMES = ('xla', 'blockwise', 'pallas', 'cudnn')
 CHOICES = ('auto', *NAMES)
 
@@ -35,7 +37,10 @@ class Platform:
 
   @classmethod
   def current(cls) -> 'Platform':
-    device = jax.devices()[0]
+    return cls.of(jax.devices()[0])
+
+  @classmethod
+  def of(cls, device) -> 'Platform':
     if device.platform in ('gpu', 'cuda', 'rocm'):
       capability = float(getattr(device, 'compute_capability', 0) or 0)
       try:
@@ -77,6 +82,8 @@ def choose(
   cudnn_blocker = _cudnn_blocker(platform, compute_dtype, head_dim, documents, self_attention)
   if requested == 'auto':
     if platform.kind == 'gpu':
+      if cudnn_blocker is None and documents:
+        cudnn_blocker = 'rows pack documents and its packed layout is not verified on a GPU yet'
       if cudnn_blocker is None:
         return Choice('cudnn', f'NVIDIA sm{_sm(platform)}: cuDNN fused flash attention')
       return Choice('pallas', f'NVIDIA GPU, cuDNN not usable ({cudnn_blocker}): our Pallas kernel')
@@ -98,7 +105,8 @@ def choose(
     'blockwise': 'XLA online softmax over key blocks, linear memory',
     'pallas': 'our Pallas flash kernel'
     + (' in interpret mode (CPU: slow, for tests)' if platform.kind == 'cpu' else ''),
-    'cudnn': f'cuDNN fused flash attention on sm{_sm(platform)}',
+    'cudnn': f'cuDNN fused flash attention on sm{_sm(platform)}'
+    + (' with packed documents (not verified on a GPU yet)' if documents else ''),
   }
   return Choice(requested, f'as configured: {reasons[requested]}')
 
@@ -121,11 +129,6 @@ def _cudnn_blocker(platform, compute_dtype, head_dim, documents, self_attention)
     return (
       'queries and keys are different tokens (context parallelism) and JAX exposes no '
       'bottom-right causal mask for cuDNN'
-    )
-  if documents:
-    return (
-      'rows hold packed documents and the cuDNN path here is plain causal (JAX 0.10.2 cuDNN '
-      'packing with GQA reads the wrong keys)'
     )
   return None
 
@@ -150,7 +153,15 @@ def check_fits(choice: Choice, platform: Platform, *, batch: int, heads: int, le
     )
 
 
-def backend(name: str, *, block_q=None, block_kv=None):
+# Logical axes of the backend's seven arguments and of its result (kernels/reference.py): a
+# kernel sees whole rows and its device's batch rows and heads.
+_QUERY = ('activation_batch', None, 'activation_heads', None)
+_KEY = ('activation_batch', None, 'activation_kv_heads', None)
+_TOKENS = ('activation_batch', None)
+KERNEL_AXES = ((_QUERY, _KEY, _KEY, _TOKENS, _TOKENS, _TOKENS, _TOKENS), _QUERY)
+
+
+def backend(name: str, *, block_q=None, block_kv=None, documents=True):
   """The attention function of backend `name` (not `auto`), its options bound."""
   blocks = {k: v for k, v in dict(block_q=block_q, block_kv=block_kv).items() if v is not None}
   if name == 'xla':
@@ -164,9 +175,36 @@ def backend(name: str, *, block_q=None, block_kv=None):
   if name == 'pallas':
     from k2jax.model.kernels.pallas_gpu import pallas_attention
 
-    return functools.partial(pallas_attention, **blocks)
+    return _per_device(functools.partial(pallas_attention, **blocks))
   if name == 'cudnn':
     from k2jax.model.kernels.cudnn import cudnn_attention
 
-    return cudnn_attention
+    return _per_device(functools.partial(cudnn_attention, documents=documents))
   raise ValueError(f'model.attention={name!r} is not a backend; choose one of {"|".join(NAMES)}')
+
+
+def _per_device(kernel):
+  """A custom-call kernel, run on each device's rows and heads under the current mesh."""
+
+  def attend(*args):
+    return sharding.per_device(kernel, *KERNEL_AXES)(*args)
+
+  return attend
+
+
+def for_model(cfg, length: int):
+  """The backend a ModelConfig asks for, at `length` tokens of self-attention."""
+  name = cfg.attention
+  if name == 'auto':
+    name = choose(
+      'auto',
+      Platform.current(),
+      q_length=length,
+      kv_length=length,
+      compute_dtype=cfg.dtype,
+      head_dim=cfg.head_dim,
+      documents=cfg.documents,
+    ).name
+  return backend(
+    name, block_q=cfg.attention_block_q, block_kv=cfg.attention_block_kv, documents=cfg.documents
+  )
