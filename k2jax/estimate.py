@@ -195,6 +195,7 @@ def plan(cfg) -> dict:
     'flops_per_step': flops_per_token * tokens_per_step,
     'mesh': dict(mesh.shape),
     'fsdp': bool(fsdp),
+    'attention': {'backend': run.attention.name, 'reason': run.attention.reason},
     'num_devices': len(devices),
     'platform': devices[0].platform,
     'device_kind': devices[0].device_kind,
@@ -243,6 +244,7 @@ def format_report(spec: str, result: dict) -> str:
     f'{_flops(result["flops_per_step"])} per step, {_flops(model_flops_per_device)} per device',
     f'mesh {mesh}{" (fsdp)" if result["fsdp"] else ""} on {result["num_devices"]} '
     f'{result["platform"]} devices',
+    f'attention {result["attention"]["backend"]}: {result["attention"]["reason"]}',
     '',
     'per device, analytic (shapes x dtypes / shardings):',
     f'  parameters          {_size(state["params"])}',

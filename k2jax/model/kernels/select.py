@@ -186,10 +186,7 @@ def backend(name: str, *, block_q=None, block_kv=None, documents=True):
 def _per_device(kernel):
   """A custom-call kernel, run on each device's rows and heads under the current mesh."""
 
-  def attend(*args):
-    return sharding.per_device(kernel, *KERNEL_AXES)(*args)
-
-  return attend
+  return sharding.per_device(kernel, *KERNEL_AXES)
 
 
 def for_model(cfg, length: int):
