@@ -118,6 +118,7 @@ def test_cudnn_arguments_causal_and_packed():
 
 def test_gqa_offset_patch_applies_once_and_only_to_the_buggy_function():
   module = types.SimpleNamespace(_fix_seqlen_offsets=fused_attention._fix_seqlen_offsets)
+  assert jax.jit(lambda: jnp.int32(cudnn.has_gqa_offset_bug(module)))() == 1  # while tracing too
   assert cudnn.has_gqa_offset_bug(module)  # JAX 0.10.2 as pinned
   assert cudnn.fix_gqa_offsets(module) and not cudnn.fix_gqa_offsets(module)
   query = jax.ShapeDtypeStruct((2, 4, 8, 16), jnp.bfloat16)

@@ -78,10 +78,11 @@ def has_gqa_offset_bug(module) -> bool:
   """Whether `module._fix_seqlen_offsets` scales key offsets by the query's head count."""
   query = jax.ShapeDtypeStruct((1, 4, 4, 8), jnp.bfloat16)  # 4 query heads
   key = jax.ShapeDtypeStruct((1, 4, 2, 8), jnp.bfloat16)  # 2 KV heads
-  seqlen = jnp.array([[2, 2]], jnp.int32)
-  offsets = jnp.array([[0, 2, -1]], jnp.int32)
-  *_, kv_offsets = module._fix_seqlen_offsets(seqlen, seqlen, offsets, offsets, query, key)
-  return int(kv_offsets[0, 1]) == 2 * 4 * 8  # the right stride is 2 KV heads x 8
+  with jax.ensure_compile_time_eval():  # also when first called while tracing a step
+    seqlen = jnp.array([[2, 2]], jnp.int32)
+    offsets = jnp.array([[0, 2, -1]], jnp.int32)
+    *_, kv_offsets = module._fix_seqlen_offsets(seqlen, seqlen, offsets, offsets, query, key)
+    return int(kv_offsets[0, 1]) == 2 * 4 * 8  # the right stride is 2 KV heads x 8
 
 
 def fix_gqa_offsets(module=None) -> bool:
