@@ -40,6 +40,7 @@ def test_auto_picks_per_platform_as_documented():
   assert pick(CPU, length=sel.BLOCKWISE_MIN_LENGTH // 2).name == 'xla'
   assert pick(sel.Platform('tpu'), length=512).name == 'xla'
   assert 'sm80' in pick(A100, documents=False).reason
+  assert pick(A100, head_dim=96).name == 'blockwise'  # no power-of-two Triton tile
 
 
 def test_named_backends_are_kept_or_refused_with_the_fallback():
@@ -53,6 +54,10 @@ def test_named_backends_are_kept_or_refused_with_the_fallback():
     sel.choose('cudnn', A100, q_length=128, kv_length=128)
   with pytest.raises(ValueError, match=r'not on tpu; use model.attention=blockwise'):
     sel.choose('pallas', sel.Platform('tpu'), q_length=128, kv_length=128)
+  with pytest.raises(
+    ValueError, match=r'power of two >= 16, got 96; use model.attention=blockwise'
+  ):
+    sel.choose('pallas', A100, q_length=128, kv_length=128, head_dim=96)
   with pytest.raises(ValueError, match=r"model.attention='flash' is not a backend"):
     sel.choose('flash', CPU, q_length=128, kv_length=128)
 

@@ -3,7 +3,8 @@
 `auto` (every stage config's default):
   - NVIDIA GPU of compute capability >= 9.0 (H100/H200), bf16/fp16 compute, self-attention
     (queries are the keys' own tokens) and rows without packed documents: `cudnn`;
-  - any other NVIDIA GPU case: `pallas` (our kernel: documents, query/key offsets, fp32);
+  - any other NVIDIA GPU case: `pallas` (our kernel: documents, query/key offsets, fp32),
+    or `blockwise` for a head dim the kernel cannot tile;
   - CPU: `blockwise` from BLOCKWISE_MIN_LENGTH keys on (measured by benchmarks/attention.py),
     `xla` below, where the dense scores are small and one fused einsum is faster.
 A named backend is taken as asked, or refused with the reason and the backend to use instead.
@@ -80,12 +81,20 @@ def choose(
       f'model.attention={requested!r} is not a backend; choose one of {"|".join(CHOICES)}'
     )
   cudnn_blocker = _cudnn_blocker(platform, compute_dtype, head_dim, documents, self_attention)
+  # Triton tiles are powers of two of at least 16 (kernels/pallas_gpu.py).
+  pallas_blocker = (
+    None
+    if head_dim >= 16 and not head_dim & (head_dim - 1)
+    else f'the Pallas kernel needs a head dim that is a power of two >= 16, got {head_dim}'
+  )
   if requested == 'auto':
     if platform.kind == 'gpu':
       if cudnn_blocker is None and documents:
         cudnn_blocker = 'rows pack documents and its packed layout is not verified on a GPU yet'
       if cudnn_blocker is None:
         return Choice('cudnn', f'NVIDIA sm{_sm(platform)}: cuDNN fused flash attention')
+      if pallas_blocker is not None:
+        return Choice('blockwise', f'NVIDIA GPU, {cudnn_blocker}, and {pallas_blocker}')
       return Choice('pallas', f'NVIDIA GPU, cuDNN not usable ({cudnn_blocker}): our Pallas kernel')
     if platform.kind == 'cpu' and kv_length >= BLOCKWISE_MIN_LENGTH:
       return Choice(
@@ -95,6 +104,8 @@ def choose(
   if requested == 'cudnn' and cudnn_blocker is not None:
     fallback = 'pallas' if platform.kind == 'gpu' else 'blockwise or xla'
     raise ValueError(f'model.attention=cudnn: {cudnn_blocker}; use model.attention={fallback}')
+  if requested == 'pallas' and pallas_blocker is not None:
+    raise ValueError(f'model.attention=pallas: {pallas_blocker}; use model.attention=blockwise')
   if requested == 'pallas' and platform.kind not in ('gpu', 'cpu'):
     raise ValueError(
       f'model.attention=pallas: the kernel targets NVIDIA GPUs (Triton) and runs interpreted '
