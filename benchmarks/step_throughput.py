@@ -130,6 +130,7 @@ def run_k2jax(args) -> dict:
 
   from configs import base
   from k2jax.model.config import ModelConfig
+  from k2jax.model.kernels import select
   from k2jax.model.transformer import Transformer
   from k2jax.parallel import sharding
   from k2jax.training import optim, train_step
@@ -141,7 +142,16 @@ def run_k2jax(args) -> dict:
     dtype='float32',
     param_dtype='float32',
     remat='none',
-    attention='xla',
+    attention='auto',  # the trainer's default; on CPU at these lengths: `xla`
+  )
+  attention = select.choose(
+    'auto',
+    select.Platform.current(),
+    q_length=args.seq_len,
+    kv_length=args.seq_len,
+    compute_dtype=model_cfg.dtype,
+    head_dim=model_cfg.head_dim,
+    documents=model_cfg.documents,
   )
   optim_cfg = base.get_config().optim
   optim_cfg.update(
@@ -217,6 +227,7 @@ def run_k2jax(args) -> dict:
     model_flops=model_cfg.flops_per_token(args.seq_len) * args.batch * args.seq_len,
     loss=loss_after_warmup,
     devices=len(jax.devices()),
+    attention=f'auto -> {attention.name} ({attention.reason})',
     threads=f'PJRT_NPROC={os.environ.get("PJRT_NPROC")}, '
     f'{eigen_pool_threads()} tf_XLAEigen threads',
     versions=f'jax {jax.__version__}',
@@ -342,8 +353,9 @@ def report(args, jx: dict, hf: dict):
     f'{args.seed}); float32 params and compute on both sides'
   )
   print(
-    f'k2jax: remat none, attention xla, jit(make_train_step, donate_argnums=0) on a '
-    f'{jx["devices"]}-device mesh; HF: LlamaForCausalLM attn_implementation={hf["attn"]}'
+    f'k2jax: remat none, attention {jx["attention"]}, jit(make_train_step, '
+    f'donate_argnums=0) on a {jx["devices"]}-device mesh; HF: LlamaForCausalLM '
+    f'attn_implementation={hf["attn"]}'
   )
   print(
     f'optimizer: clip {CLIP} -> AdamW lr {LR:g}, betas ({B1}, {B2}), eps {EPS:g}, '

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from k2jax.model.config import ModelConfig
 from k2jax.model.kernels import select as kernel_select
 from k2jax.model.kernels.reference import masked_attention
-from k2jax.model.layers import apply_rope, constrain, weight
+from k2jax.model.layers import apply_rope, constrain, dense, weight
 
 
 def cached_attention_mask(index, segment_ids_BxT, cache_segment_ids_BxS):
@@ -78,15 +78,19 @@ class Attention(nn.Module):
       'activation_kv_heads',
       'activation_head_dim',
     )
-    q_BxLxHxD = constrain(jnp.einsum('ble,ehd->blhd', x, q_ExHxD.astype(compute)), heads)
-    k_BxLxKxD = constrain(jnp.einsum('ble,ekd->blkd', x, k_ExKxD.astype(compute)), kv_heads)
-    v_BxLxKxD = constrain(jnp.einsum('ble,ekd->blkd', x, v_ExKxD.astype(compute)), kv_heads)
+    q_BxLxHxD, k_BxLxKxD, v_BxLxKxD = dense(
+      x, q_ExHxD.astype(compute), k_ExKxD.astype(compute), v_ExKxD.astype(compute)
+    )
+    q_BxLxHxD = constrain(q_BxLxHxD, heads)
+    k_BxLxKxD = constrain(k_BxLxKxD, kv_heads)
+    v_BxLxKxD = constrain(v_BxLxKxD, kv_heads)
     q_BxLxHxD = apply_rope(q_BxLxHxD, positions_BxL, cfg.rope_base)
     k_BxLxKxD = apply_rope(k_BxLxKxD, positions_BxL, cfg.rope_base)
 
     def project(out_BxLxHxD):
       out_BxLxHxD = constrain(out_BxLxHxD, heads)
-      return jnp.einsum('blhd,hde->ble', out_BxLxHxD, o_HxDxE.astype(compute))
+      [out_BxLxE] = dense(out_BxLxHxD, o_HxDxE.astype(compute))
+      return out_BxLxE
 
     if cache is None:
       attend = get_backend(cfg, x_BxLxE.shape[1])

@@ -5,11 +5,14 @@ maps them onto the mesh. Shape suffixes name dims: B batch, L length, E embed, F
 H heads, K kv heads, D head dim, V vocab.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from k2jax.model.config import ModelConfig
+from k2jax.parallel import sharding
 
 
 def weight(module: nn.Module, name: str, shape, axes, std: float, dtype):
@@ -23,6 +26,31 @@ def constrain(x, axes):
   return nn.with_logical_constraint(x, axes)
 
 
+def dense(x, *weights):
+  """[B, L, *I] x each of `weights` [*I, *O] -> a [B, L, *O] product per weight.
+
+  Where no mesh axis splits the length, each is one 2-D matmul [B*L, prod I] x [prod I, prod O]: its
+  weight gradient is then a plain 2-D product too, which XLA:CPU otherwise runs after copying
+  the activation gradient transposed (a contraction over both B and L). The weights share
+  one flattened x, which the backward pass keeps once.
+  """
+  contract = x.ndim - 2
+  if sharding.splits_length():  # keep [B, L] for the partitioner
+    return [jnp.tensordot(x, w, contract) for w in weights]
+  x_NxI = x.reshape(x.shape[0] * x.shape[1], -1)
+  return [
+    (x_NxI @ w.reshape(x_NxI.shape[1], -1)).reshape(*x.shape[:2], *w.shape[contract:])
+    for w in weights
+  ]
+
+
+@jax.checkpoint
+def swiglu(gate_BxLxF, up_BxLxF):
+  """silu(gate) * up. Its backward pass recomputes silu from the saved gate and up instead of
+  keeping the sigmoid and the products: 2 saved [B, L, F] activations instead of 5."""
+  return nn.silu(gate_BxLxF) * up_BxLxF
+
+
 class RMSNorm(nn.Module):
   cfg: ModelConfig
 
@@ -34,10 +62,17 @@ class RMSNorm(nn.Module):
     scale_E = self.param(
       'scale', nn.with_logical_partitioning(init, ('norm',)), (x_BxLxE.shape[-1],), cfg.weight_dtype
     )
-    x = x_BxLxE.astype(jnp.float32)
-    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + cfg.norm_eps)
-    scale = scale_E.astype(jnp.float32) + (1.0 if cfg.norm_one_plus else 0.0)
-    return (x * scale).astype(cfg.compute_dtype)
+    offset = 1.0 if cfg.norm_one_plus else 0.0
+    return rms_norm(x_BxLxE, scale_E, cfg.norm_eps, offset, cfg.compute_dtype)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(2, 3, 4))
+def rms_norm(x_BxLxE, scale_E, eps: float, offset: float, dtype):
+  """x / rms(x) * (offset + scale), in fp32. Its backward pass recomputes the statistics from
+  the saved x instead of keeping fp32 intermediates (2x, the normalised x) of [B, L, E] each."""
+  x = x_BxLxE.astype(jnp.float32)
+  x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+  return (x * (scale_E.astype(jnp.float32) + offset)).astype(dtype)
 
 
 def apply_rope(x_BxLxNxD, positions_BxL, base: float):
@@ -65,10 +100,12 @@ class MLP(nn.Module):
     gate_ExF = weight(self, 'gate', shape, ('embed', 'mlp'), cfg.init_std, dtype)
     up_ExF = weight(self, 'up', shape, ('embed', 'mlp'), cfg.init_std, dtype)
     down_FxE = weight(self, 'down', shape[::-1], ('mlp', 'embed'), cfg.output_init_std, dtype)
-    x = x_BxLxE.astype(cfg.compute_dtype)
-    gate_BxLxF = jnp.einsum('ble,ef->blf', x, gate_ExF.astype(cfg.compute_dtype))
-    up_BxLxF = jnp.einsum('ble,ef->blf', x, up_ExF.astype(cfg.compute_dtype))
-    hidden_BxLxF = constrain(
-      nn.silu(gate_BxLxF) * up_BxLxF, ('activation_batch', 'activation_length', 'activation_mlp')
+    compute = cfg.compute_dtype
+    gate_BxLxF, up_BxLxF = dense(
+      x_BxLxE.astype(compute), gate_ExF.astype(compute), up_ExF.astype(compute)
     )
-    return jnp.einsum('blf,fe->ble', hidden_BxLxF, down_FxE.astype(cfg.compute_dtype))
+    hidden_BxLxF = constrain(
+      swiglu(gate_BxLxF, up_BxLxF), ('activation_batch', 'activation_length', 'activation_mlp')
+    )
+    [out_BxLxE] = dense(hidden_BxLxF, down_FxE.astype(compute))
+    return out_BxLxE

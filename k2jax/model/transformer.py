@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from k2jax.model.attention import CACHE_AXES, Attention
 from k2jax.model.config import ModelConfig
-from k2jax.model.layers import MLP, RMSNorm, constrain, weight
+from k2jax.model.layers import MLP, RMSNorm, constrain, dense, weight
 
 RESIDUAL = ('activation_batch', 'activation_residual_length', 'activation_embed')
 # Decoding feeds a token at a time: its length cannot be split over `tensor`.
@@ -153,7 +153,7 @@ class Transformer(nn.Module):
       cfg.init_std,
       cfg.weight_dtype,
     )
-    logits_BxLxV = jnp.einsum('ble,ev->blv', x_BxLxE, head_ExV.astype(cfg.compute_dtype))
+    [logits_BxLxV] = dense(x_BxLxE, head_ExV.astype(cfg.compute_dtype))
     logits_BxLxV = constrain(
       logits_BxLxV, ('activation_batch', 'activation_length', 'activation_vocab')
     )

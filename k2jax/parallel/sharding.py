@@ -192,6 +192,28 @@ def host_array(sharding: NamedSharding, local: np.ndarray) -> jax.Array:
   return jax.make_array_from_process_local_data(sharding, local)
 
 
+# Where the residual stream and the attention / MLP activations split their length.
+LENGTH_AXES = ('activation_length', 'activation_residual_length')
+
+
+def splits_length() -> bool:
+  """Whether the current mesh splits the activations' length (tensor or sequence parallelism).
+
+  If not (no mesh, or the batch over `data` only), [B, L] activations merge into one token
+  dim [B*L] without communication: it splits where B does.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return False
+  rules = dict(nn.get_logical_axis_rules())
+  for name in LENGTH_AXES:
+    axes = rules.get(name)
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    if math.prod(mesh.shape[axis] for axis in axes) > 1:
+      return True
+  return False
+
+
 def per_device(fn, in_axes, out_axes):
   """Runs `fn` on each device's own block of its arguments (for kernels XLA cannot partition).
 
