@@ -53,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1  # data-parallel degree (-1: all devices left over)
   c.mesh.tensor = 1  # tensor-parallel degree (heads, MLP hidden, vocab)
   c.mesh.sequence = 1  # sequence / context-parallel degree
-  c.mesh.fsdp = False  # also shard parameters and optimizer state over `data`
+  c.mesh.fsdp = False  # also shard parameters and optimizer state over `data` and `sequence`
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = 'k2v2_70b'  # debug | 1b | 7b | k2v2_70b (k2jax/model/config.py)

@@ -38,6 +38,7 @@ the data position with the model; the state also records the process count and w
 count, and restoring it under different ones is refused with a clear message.
 """
 
+import functools
 import math
 from typing import Any
 
@@ -45,7 +46,7 @@ import grain
 import numpy as np
 from absl import flags
 
-from data_pipeline import documents, mixture, packing
+from data_pipeline import documents, load_balance, mixture, packing
 from data_pipeline.tokenizer import Tokenizer, load_tokenizer
 
 SPLITS = ('train', 'eval')
@@ -125,12 +126,19 @@ def auto_pack_buffer(seq_len: int, mean_document_tokens: float) -> int:
 
 
 def build(
-  data_cfg, *, seed: int, split: str, process_index: int = 0, process_count: int = 1
+  data_cfg,
+  *,
+  seed: int,
+  split: str,
+  process_index: int = 0,
+  process_count: int = 1,
+  context_shards: int = 1,
 ) -> 'SourceCountsIterator':
   """Endless iterator of this process's batches for `split` ("train" or "eval").
 
   The same config, seed and process give the same batches; eval ignores the seed and
-  always starts from the first document in file order.
+  always starts from the first document in file order. With `context_shards` > 1 (the
+  context-parallel degree) every row comes in zigzag order (load_balance.py).
   """
   local_batch = _local_batch_size(data_cfg, split, seed, process_index, process_count)
   tokenizer = tokenizer_for(data_cfg)
@@ -203,6 +211,8 @@ def build(
       # Eval ignores the seed (see above), also for the order of packed rows.
       seed=seed if split == 'train' else 0,
     )
+  if context_shards > 1:
+    batches = batches.map(functools.partial(load_balance.reorder, shards=context_shards))
   layout = {'process_count': process_count, 'worker_count': worker_count}
   return SourceCountsIterator(
     iter(batches), [s.name for s in chosen], [s.share for s in chosen], layout

@@ -16,7 +16,7 @@ from k2jax.model import config as model_config
 from k2jax.model.kernels import cudnn
 from k2jax.model.kernels import select as sel
 from k2jax.model.kernels.reference import dense_attention
-from k2jax.parallel import sharding
+from k2jax.parallel import context, sharding
 from k2jax.training import train_step
 from tests.helpers import REPO
 
@@ -150,7 +150,7 @@ def test_per_device_kernel_equals_the_whole_computation():
   args = (q, k, v, positions, positions, segments, segments)
   mesh = sharding.make_mesh(dict(data=2, tensor=4, sequence=1))
   with sharding.activate(mesh, False):
-    mapped = jax.jit(lambda *a: sharding.per_device(dense_attention, *sel.KERNEL_AXES)(*a))
+    mapped = jax.jit(context.shard_attention(dense_attention, custom_call=True))
     assert 'shard_map' in str(mapped.trace(*args).jaxpr)
     out = mapped(*args)
   np.testing.assert_allclose(out, dense_attention(*args), rtol=1e-6, atol=1e-6)

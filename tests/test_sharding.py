@@ -91,10 +91,12 @@ def test_sharded_forward_and_gradient_match_single_device(shape, fsdp):
     )
     logits, loss, grads = fn(params, batch)
 
-  # The layout is what the rules say: heads over tensor, embed over data only with FSDP.
+  # The layout is what the rules say: heads over tensor, embed over data and the
+  # context-parallel ranks only with FSDP.
+  embed = ('data', 'sequence') if fsdp else None
   q_spec = grads['layers']['attention']['q'].sharding.spec
-  assert tuple(q_spec) == (None, 'data' if fsdp else None, 'tensor', None)
-  assert tuple(params['embedding'].sharding.spec) == ('tensor', 'data' if fsdp else None)
+  assert tuple(q_spec) == (None, embed, 'tensor', None)
+  assert tuple(params['embedding'].sharding.spec) == ('tensor', embed)
   np.testing.assert_allclose(np.asarray(logits), np.asarray(REF_LOGITS), atol=2e-5, rtol=0)
   np.testing.assert_allclose(loss, REF_LOSS, rtol=1e-5)
   jax.tree.map(

@@ -70,7 +70,9 @@ def logical_rules(fsdp: bool) -> dict[str, Any]:
   return {
     # Parameters.
     'layers': None,
-    'embed': 'data' if fsdp else None,  # FSDP / ZeRO-3: weights sharded over the data axis
+    # FSDP / ZeRO-3: weights sharded over the data axis, and over the context-parallel ranks,
+    # which hold different tokens of the same rows and so act as data parallelism for them.
+    'embed': ('data', 'sequence') if fsdp else None,
     'vocab': 'tensor',
     'heads': 'tensor',
     'kv_heads': 'tensor',
@@ -214,42 +216,11 @@ def splits_length() -> bool:
   return False
 
 
-def per_device(fn, in_axes, out_axes):
-  """Runs `fn` on each device's own block of its arguments (for kernels XLA cannot partition).
-
-  A Pallas or cuDNN custom call is opaque to XLA's partitioner, which would gather its inputs
-  whole onto every device. Under the current mesh and logical rules this maps `fn` with
-  `shard_map` instead: each argument split by its logical axes (`in_axes`, one tuple per
-  argument; None: whole), the result assembled by `out_axes`. A logical axis whose size does
-  not divide its mesh axes (e.g. the one-row batch of shape inference) stays whole. Outside a
-  mesh, `fn` itself.
-  """
-
-  def mapped(*args):
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
-      return fn(*args)
-    whole = set()
-    for arg, axes in zip(args, in_axes):
-      for size, name, mesh_axes in zip(arg.shape, axes, nn.logical_to_mesh_axes(axes)):
-        mesh_axes = (
-          () if mesh_axes is None else (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes
-        )
-        if size % math.prod(mesh.shape[axis] for axis in mesh_axes):
-          whole.add(name)
-
-    def spec(axes):
-      return PartitionSpec(*nn.logical_to_mesh_axes(tuple(None if a in whole else a for a in axes)))
-
-    return jax.shard_map(
-      fn,
-      in_specs=tuple(spec(axes) for axes in in_axes),
-      out_specs=spec(out_axes),
-      # Pallas outputs carry no varying-manual-axes type in this JAX (see long_context.md §2).
-      check_vma=False,
-    )(*args)
-
-  return mapped
+def length_shards(mesh: Mesh) -> int:
+  """Into how many pieces the attention's length is split (the context-parallel degree)."""
+  axes = logical_rules(False)['activation_length']
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+  return math.prod(mesh.shape[axis] for axis in axes)
 
 
 def local_size(mesh: Mesh, size: int, logical_axis: str, fsdp: bool = False) -> int:

@@ -29,6 +29,7 @@ def prepare(cfg, workdir: str) -> dict:
   import jax
 
   from data_pipeline import pipeline
+  from k2jax.parallel import sharding
   from k2jax.training import checkpoint, train_step
 
   run_config.validate(cfg)
@@ -53,7 +54,11 @@ def prepare(cfg, workdir: str) -> dict:
         f'init_from_optimizer: {init_from} has no opt_state/ (a converted HF '
         'checkpoint carries parameters only)'
       )
-  process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  process = dict(
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    context_shards=sharding.length_shards(plan.mesh),  # rows in zigzag order when > 1
+  )
   train_batches = pipeline.build(cfg.data, seed=cfg.seed, split='train', **process)
   if cfg.eval_every:
     pipeline.build(cfg.data, seed=cfg.seed, split='eval', **process)  # fail now, not at eval

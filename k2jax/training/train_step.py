@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from data_pipeline import load_balance
 from k2jax.model import config as model_config
 from k2jax.model.kernels import select as attention_select
 from k2jax.model.transformer import Transformer
@@ -202,6 +203,8 @@ def choose_attention(cfg, model_cfg, mesh, micro_batch: int):
     compute_dtype=model_cfg.dtype,
     head_dim=model_cfg.head_dim,
     documents=documents,
+    # With the length split, a device's queries meet the whole row's keys (parallel/context.py).
+    self_attention=sharding.length_shards(mesh) == 1,
   )
   attention_select.check_fits(
     choice,
@@ -224,6 +227,7 @@ def plan(cfg, devices=None) -> Plan:
   micro_batch = cfg.data.global_batch_size // cfg.optim.grad_accum_steps
   batch_sharding = sharding.batch_sharding(mesh, (micro_batch, seq_len), fsdp)
   sharding.check_activations(mesh, model_cfg, seq_len, fsdp)
+  load_balance.check(seq_len, sharding.length_shards(mesh))
   model_cfg, attention = choose_attention(cfg, model_cfg, mesh, micro_batch)
   model = Transformer(model_cfg)
   boxed = abstract_params(model, seq_len)

@@ -15,7 +15,7 @@ import functools
 
 import jax
 
-from k2jax.parallel import sharding
+from k2jax.parallel import context
 
 NAMES = ('xla', 'blockwise', 'pallas', 'cudnn')
 CHOICES = ('auto', *NAMES)
@@ -164,40 +164,31 @@ def check_fits(choice: Choice, platform: Platform, *, batch: int, heads: int, le
     )
 
 
-# Logical axes of the backend's seven arguments and of its result (kernels/reference.py): a
-# kernel sees whole rows and its device's batch rows and heads.
-_QUERY = ('activation_batch', None, 'activation_heads', None)
-_KEY = ('activation_batch', None, 'activation_kv_heads', None)
-_TOKENS = ('activation_batch', None)
-KERNEL_AXES = ((_QUERY, _KEY, _KEY, _TOKENS, _TOKENS, _TOKENS, _TOKENS), _QUERY)
-
-
 def backend(name: str, *, block_q=None, block_kv=None, documents=True):
   """The attention function of backend `name` (not `auto`), its options bound."""
   blocks = {k: v for k, v in dict(block_q=block_q, block_kv=block_kv).items() if v is not None}
   if name == 'xla':
     from k2jax.model.kernels.reference import dense_attention
 
-    return dense_attention
+    return context.shard_attention(dense_attention, custom_call=False)
   if name == 'blockwise':
     from k2jax.model.kernels.blockwise import blockwise_attention
 
-    return functools.partial(blockwise_attention, **blocks)
+    return context.shard_attention(
+      functools.partial(blockwise_attention, **blocks), custom_call=False
+    )
+  # Custom calls: XLA cannot partition them, so they always run per device.
   if name == 'pallas':
     from k2jax.model.kernels.pallas_gpu import pallas_attention
 
-    return _per_device(functools.partial(pallas_attention, **blocks))
+    return context.shard_attention(functools.partial(pallas_attention, **blocks), custom_call=True)
   if name == 'cudnn':
     from k2jax.model.kernels.cudnn import cudnn_attention
 
-    return _per_device(functools.partial(cudnn_attention, documents=documents))
+    return context.shard_attention(
+      functools.partial(cudnn_attention, documents=documents), custom_call=True
+    )
   raise ValueError(f'model.attention={name!r} is not a backend; choose one of {"|".join(NAMES)}')
-
-
-def _per_device(kernel):
-  """A custom-call kernel, run on each device's rows and heads under the current mesh."""
-
-  return sharding.per_device(kernel, *KERNEL_AXES)
 
 
 def for_model(cfg, length: int):
