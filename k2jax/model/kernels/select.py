@@ -20,8 +20,9 @@ from k2jax.parallel import context
 NAMES = ('xla', 'blockwise', 'pallas', 'cudnn')
 CHOICES = ('auto', *NAMES)
 
-# From this many keys on, `auto` picks `blockwise` on CPU (see docs/attention.md).
-BLOCKWISE_MIN_LENGTH = 4096
+# From this many keys on, `auto` picks `blockwise` on CPU: benchmarks/attention.py measured it
+# 1.3x faster than `xla` at 512 keys, about even at 256 (docs/attention.md).
+BLOCKWISE_MIN_LENGTH = 512
 # The dense reference is refused on a GPU when its scores would take more than this share of
 # device memory: the rest holds weights, optimizer state and the other activations.
 XLA_MAX_MEMORY_SHARE = 0.25
