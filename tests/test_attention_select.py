@@ -78,7 +78,7 @@ def test_the_plan_resolves_auto_and_refuses_before_compiling(monkeypatch):
   mesh = sharding.make_mesh(cfg.mesh)
   model_cfg = model_config.from_config(cfg.model)
   resolved, choice = train_step.choose_attention(cfg, model_cfg, mesh, 8)
-  assert (choice.name, resolved.attention, resolved.documents) == ('xla', 'xla', True)
+  assert (choice.name, resolved.attention, resolved.documents) == ('blockwise', 'blockwise', True)
   monkeypatch.setattr(sel.Platform, 'of', classmethod(lambda cls, device: H200))
   model_cfg = dataclasses.replace(model_cfg, dtype='bfloat16')
   resolved, choice = train_step.choose_attention(cfg, model_cfg, mesh, 8)
