@@ -34,7 +34,7 @@ demo: $(VENV)/.core
 TEST_WORKERS ?= 2
 
 test: $(VENV)/.dev
-	$(SIMULATED) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(SIMULATED) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 # The local loop: everything but the end-to-end cases marked `slow` (CI runs them all).
 test-fast: $(VENV)/.dev
