@@ -61,7 +61,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.attention = 'auto'  # auto | xla | blockwise | pallas | cudnn (docs/attention.md)
   c.model.attention_block_q = ml_collections.config_dict.placeholder(int)  # pallas/blockwise block
   c.model.attention_block_kv = ml_collections.config_dict.placeholder(int)  # None: backend default
-  c.model.remat = 'full'  # none | full | save_dots
+  # What each block keeps for its backward: none | full | save_dots | save_qkv_attn
+  # | offload_block_input (in host memory; docs/long_context.md).
+  c.model.remat = 'full'
+  c.model.loss_chunk = 4096  # positions of each row per cross-entropy chunk (0: whole logits)
   c.model.dtype = 'bfloat16'  # compute dtype
   c.model.param_dtype = 'float32'  # master weights
   # Shape overrides of the preset (None: keep the preset's value).

@@ -12,6 +12,7 @@ whole cache with `cached_attention_mask`, so the cached path is the same einsum 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from k2jax.model.config import ModelConfig
 from k2jax.model.kernels import select as kernel_select
@@ -63,11 +64,12 @@ class Attention(nn.Module):
     cfg = self.cfg
     dtype, compute = cfg.weight_dtype, cfg.compute_dtype
     E, H, K, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    q_ExHxD = weight(self, 'q', (E, H, D), ('embed', 'heads', 'head_dim'), cfg.init_std, dtype)
-    k_ExKxD = weight(self, 'k', (E, K, D), ('embed', 'kv_heads', 'head_dim'), cfg.init_std, dtype)
-    v_ExKxD = weight(self, 'v', (E, K, D), ('embed', 'kv_heads', 'head_dim'), cfg.init_std, dtype)
+    std = cfg.init_std
+    q_ExHxD = weight(self, 'q', (E, H, D), ('embed', 'heads', 'head_dim'), std, dtype, compute)
+    k_ExKxD = weight(self, 'k', (E, K, D), ('embed', 'kv_heads', 'head_dim'), std, dtype, compute)
+    v_ExKxD = weight(self, 'v', (E, K, D), ('embed', 'kv_heads', 'head_dim'), std, dtype, compute)
     o_HxDxE = weight(
-      self, 'o', (H, D, E), ('heads', 'head_dim', 'embed'), cfg.output_init_std, dtype
+      self, 'o', (H, D, E), ('heads', 'head_dim', 'embed'), cfg.output_init_std, dtype, compute
     )
 
     x = x_BxLxE.astype(compute)
@@ -78,18 +80,19 @@ class Attention(nn.Module):
       'activation_kv_heads',
       'activation_head_dim',
     )
-    q_BxLxHxD, k_BxLxKxD, v_BxLxKxD = dense(
-      x, q_ExHxD.astype(compute), k_ExKxD.astype(compute), v_ExKxD.astype(compute)
-    )
+    q_BxLxHxD, k_BxLxKxD, v_BxLxKxD = dense(x, q_ExHxD, k_ExKxD, v_ExKxD)
     q_BxLxHxD = constrain(q_BxLxHxD, heads)
     k_BxLxKxD = constrain(k_BxLxKxD, kv_heads)
     v_BxLxKxD = constrain(v_BxLxKxD, kv_heads)
-    q_BxLxHxD = apply_rope(q_BxLxHxD, positions_BxL, cfg.rope_base)
-    k_BxLxKxD = apply_rope(k_BxLxKxD, positions_BxL, cfg.rope_base)
+    # Named for the remat policies (transformer.REMAT_POLICY): q and k after rotary, as the
+    # attention core takes them.
+    q_BxLxHxD = checkpoint_name(apply_rope(q_BxLxHxD, positions_BxL, cfg.rope_base), 'query_proj')
+    k_BxLxKxD = checkpoint_name(apply_rope(k_BxLxKxD, positions_BxL, cfg.rope_base), 'key_proj')
+    v_BxLxKxD = checkpoint_name(v_BxLxKxD, 'value_proj')
 
     def project(out_BxLxHxD):
       out_BxLxHxD = constrain(out_BxLxHxD, heads)
-      [out_BxLxE] = dense(out_BxLxHxD, o_HxDxE.astype(compute))
+      [out_BxLxE] = dense(out_BxLxHxD, o_HxDxE)
       return out_BxLxE
 
     if cache is None:
@@ -103,7 +106,7 @@ class Attention(nn.Module):
         segment_ids_BxL,
         segment_ids_BxL,
       )
-      return project(out_BxLxHxD)
+      return project(checkpoint_name(out_BxLxHxD, 'attention_out'))
     # In place in the scan's carry: only this chunk's slots of this layer are written.
     start = (layer, 0, cache['index'], 0, 0)
     cache = dict(cache)

@@ -41,7 +41,8 @@ class ModelConfig:
   init_std: float = 0.01
   dtype: str = 'bfloat16'  # compute dtype
   param_dtype: str = 'float32'  # master weights
-  remat: str = 'full'  # none | full | save_dots
+  remat: str = 'full'  # one of REMAT_POLICIES (below): what a block keeps for its backward
+  loss_chunk: int | None = 4096  # positions of each row per cross-entropy chunk (0/None: whole)
   attention: str = 'auto'  # auto | xla | blockwise | pallas | cudnn (model/kernels/select.py)
   attention_block_q: int | None = None  # query block of blockwise / pallas (None: its default)
   attention_block_kv: int | None = None  # key/value block of blockwise / pallas
@@ -69,6 +70,9 @@ class ModelConfig:
         raise ValueError(f'model.{name} must be a power of two >= 8, got {value!r}')
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f'model.remat={self.remat!r} is not one of {"|".join(REMAT_POLICIES)}')
+    chunk = self.loss_chunk
+    if chunk is not None and (not isinstance(chunk, int) or chunk < 0):
+      raise ValueError(f'model.loss_chunk must be an integer >= 0 (0: whole), got {chunk!r}')
     for name in ('dtype', 'param_dtype'):
       if getattr(self, name) not in ('float32', 'bfloat16', 'float16'):
         raise ValueError(
@@ -113,7 +117,16 @@ class ModelConfig:
     return 6 * matmul_params + attention
 
 
-REMAT_POLICIES = ('none', 'full', 'save_dots')
+# What a block keeps for its backward pass (model/transformer.py REMAT_POLICY): 'none' keeps
+# everything, 'full' only its input; the others keep named activations too, 'offload_*' in
+# host memory.
+REMAT_POLICIES = (
+  'none',
+  'full',
+  'save_dots',
+  'save_qkv_attn',
+  'offload_block_input',
+)
 ATTENTION_CHOICES = ('auto', 'xla', 'blockwise', 'pallas', 'cudnn')
 
 PRESETS = {

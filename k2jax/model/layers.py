@@ -15,10 +15,22 @@ from k2jax.model.config import ModelConfig
 from k2jax.parallel import sharding
 
 
-def weight(module: nn.Module, name: str, shape, axes, std: float, dtype):
-  """A normal(0, std) weight with logical axis names."""
+def weight(module: nn.Module, name: str, shape, axes, std: float, dtype, compute=None):
+  """A normal(0, std) weight with logical axis names; with `compute`, as a matmul reads it."""
   init = nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
-  return module.param(name, init, shape, dtype)
+  param = module.param(name, init, shape, dtype)
+  return param if compute is None else for_compute(param, axes, compute)
+
+
+def for_compute(w, axes, dtype):
+  """A weight as its matmul reads it: in the compute dtype and whole along `embed`.
+
+  Under FSDP the weights are sharded along `embed`; constraining the cast copy to be whole
+  there all-gathers it (in the compute dtype, half the bytes of the fp32 master) right before
+  use, as FSDP intends. Left to itself, XLA may instead reshard the activations to meet the
+  weight, which at long context gathers whole rows onto every device.
+  """
+  return constrain(w.astype(dtype), tuple(None if a == 'embed' else a for a in axes))
 
 
 def constrain(x, axes):
@@ -96,16 +108,15 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxE):
     cfg = self.cfg
-    shape, dtype = (cfg.hidden_size, cfg.ffn_size), cfg.weight_dtype
-    gate_ExF = weight(self, 'gate', shape, ('embed', 'mlp'), cfg.init_std, dtype)
-    up_ExF = weight(self, 'up', shape, ('embed', 'mlp'), cfg.init_std, dtype)
-    down_FxE = weight(self, 'down', shape[::-1], ('mlp', 'embed'), cfg.output_init_std, dtype)
-    compute = cfg.compute_dtype
-    gate_BxLxF, up_BxLxF = dense(
-      x_BxLxE.astype(compute), gate_ExF.astype(compute), up_ExF.astype(compute)
+    shape, dtype, compute = (cfg.hidden_size, cfg.ffn_size), cfg.weight_dtype, cfg.compute_dtype
+    gate_ExF = weight(self, 'gate', shape, ('embed', 'mlp'), cfg.init_std, dtype, compute)
+    up_ExF = weight(self, 'up', shape, ('embed', 'mlp'), cfg.init_std, dtype, compute)
+    down_FxE = weight(
+      self, 'down', shape[::-1], ('mlp', 'embed'), cfg.output_init_std, dtype, compute
     )
+    gate_BxLxF, up_BxLxF = dense(x_BxLxE.astype(compute), gate_ExF, up_ExF)
     hidden_BxLxF = constrain(
       swiglu(gate_BxLxF, up_BxLxF), ('activation_batch', 'activation_length', 'activation_mlp')
     )
-    [out_BxLxE] = dense(hidden_BxLxF, down_FxE.astype(compute))
+    [out_BxLxE] = dense(hidden_BxLxF, down_FxE)
     return out_BxLxE

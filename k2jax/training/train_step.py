@@ -2,8 +2,10 @@
 
 A batch is a dict of [global_batch, seq_len] arrays: `inputs`, `targets`, `positions`,
 `segment_ids` (int32) and `loss_mask` (float32). The loss is the token-mean cross-entropy
-over `loss_mask`; gradient accumulation splits the batch into micro-batches and sums
-gradients and token counts before dividing, so it equals the single-batch step.
+over `loss_mask`, from the logits of `model.loss_chunk` positions of each row at a time
+(model.transformer.cross_entropy_sum); gradient accumulation splits the batch into
+micro-batches and sums gradients and token counts before dividing, so it equals the
+single-batch step.
 """
 
 import dataclasses
@@ -18,7 +20,7 @@ import optax
 from data_pipeline import load_balance
 from k2jax.model import config as model_config
 from k2jax.model.kernels import select as attention_select
-from k2jax.model.transformer import Transformer
+from k2jax.model.transformer import Transformer, cross_entropy_sum
 from k2jax.parallel import sharding
 from k2jax.training import optim
 
@@ -89,12 +91,22 @@ def make_state_from_params(tx: optax.GradientTransformation):
 
 def loss_sums(model: Transformer, params, batch):
   """(sum of masked token losses, number of loss tokens), both float32."""
-  logits_BxLxV = model.apply(
-    {'params': params}, batch['inputs'], batch['positions'], batch['segment_ids']
-  )
-  losses_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch['targets'])
+  inputs = (batch['inputs'], batch['positions'], batch['segment_ids'])
   mask_BxL = batch['loss_mask'].astype(jnp.float32)
-  return jnp.sum(losses_BxL * mask_BxL), jnp.sum(mask_BxL)
+  chunk = model.cfg.loss_chunk
+  if chunk:
+    hidden_BxLxE, head_ExV = model.apply({'params': params}, *inputs, hidden=True)
+    loss = cross_entropy_sum(hidden_BxLxE, head_ExV, batch['targets'], mask_BxL, chunk)
+  else:  # the whole [B, L, V] logits at once
+    logits_BxLxV = model.apply({'params': params}, *inputs)
+    losses_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch['targets'])
+    loss = jnp.sum(losses_BxL * mask_BxL)
+  return loss, jnp.sum(mask_BxL)
+
+
+def param_axes(model: Transformer):
+  """The parameters' logical axis names, a PartitionSpec per parameter."""
+  return nn.get_partition_spec(abstract_params(model, 1))
 
 
 def _microbatches(batch, count: int):
@@ -110,13 +122,17 @@ def _microbatches(batch, count: int):
 def loss_and_grads(model: Transformer, params, batch, accum_steps: int):
   """Token-mean loss and its gradient, accumulated over `accum_steps` micro-batches."""
   grad_fn = jax.value_and_grad(lambda p, b: loss_sums(model, p, b), has_aux=True)
+  # The gradient sums lie as the parameters do (e.g. FSDP shards), not replicated.
+  axes = param_axes(model)
+  like_params = lambda grads: nn.with_logical_constraint(grads, axes)  # noqa: E731
 
   def accumulate(carry, microbatch):
     grads_sum, loss_sum, tokens = carry
     (loss, count), grads = grad_fn(params, microbatch)
-    return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss, tokens + count), None
+    grads_sum = like_params(jax.tree.map(jnp.add, grads_sum, grads))
+    return (grads_sum, loss_sum + loss, tokens + count), None
 
-  zeros = jax.tree.map(jnp.zeros_like, params)
+  zeros = like_params(jax.tree.map(jnp.zeros_like, params))
   init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
   if accum_steps == 1:
     (grads, loss, tokens), _ = accumulate(init, batch)
