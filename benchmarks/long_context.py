@@ -10,7 +10,8 @@ CPU). Memory is the compiled train step's per-device total (arguments + outputs 
 temporaries, XLA's memory_analysis); time is the median of 3 steps after a warm-up, up to
 --time_max tokens. 70B rows: `python -m k2jax.estimate` on K2-V2's per-device meshes, data 1 ×
 tensor 8 × sequence 2 (stage 3, 131,072 tokens) and × sequence 8 (stage 4, 524,288 tokens),
-against an H200's 141 GB (aim: ≤ 120 GiB).
+one row per data shard, against an H200's 141 GB (aim: ≤ 120 GiB); stage 3 also on data 4, where
+FSDP shards the state over data too, as K2-V2's distributed optimizer did.
 """
 
 import argparse
@@ -85,15 +86,15 @@ def debug_row(length: int, degree: int, time_it: bool) -> dict:
   return dict(length=length, degree=degree, mib=total / 2**20, seconds=seconds)
 
 
-def planner_row(stage: str, degree: int) -> dict:
+def planner_row(stage: str, degree: int, data: int) -> dict:
   command = [
     sys.executable,
     '-m',
     'k2jax.estimate',
     f'--config=configs/midtrain.py:{stage}',
-    f'--devices={8 * degree}',
-    f'--mesh=data:1,tensor:8,sequence:{degree}',
-    '--config.data.global_batch_size=1',
+    f'--devices={data * 8 * degree}',
+    f'--mesh=data:{data},tensor:8,sequence:{degree}',
+    f'--config.data.global_batch_size={data}',  # one row per data shard, as K2-V2's
     '--output=json',
   ]
   env = dict(os.environ)
@@ -131,13 +132,15 @@ def main():
     f'{"stage":>7} {"tokens":>8} {"mesh":>24} {"state GiB":>10} {"temp GiB":>9} '
     f'{"total GiB":>10} {"fits H200":>10} {"compile s":>10}'
   )
-  for stage, degree in (('stage3', 2), ('stage4', 8)):
-    r = planner_row(stage, degree)
+  # Data 1 is the issue's mesh; with data 4, FSDP also shards the weights and optimizer state
+  # over data, as K2-V2's distributed optimizer did over its 100 (stage 3) data-parallel ranks.
+  for stage, degree, data in (('stage3', 2, 1), ('stage3', 2, 4), ('stage4', 8, 1)):
+    r = planner_row(stage, degree, data)
     memory = r['memory_per_device']
     total = memory['total'] / 2**30
     fits = 'yes' if total <= TARGET_GIB else ('tight' if total <= H200_GIB else 'NO')
     print(
-      f'{stage:>7} {r["seq_len"]:>8,} {f"data 1 x tensor 8 x seq {degree}":>24} '
+      f'{stage:>7} {r["seq_len"]:>8,} {f"data {data} x tensor 8 x seq {degree}":>24} '
       f'{r["state_bytes_per_device"]["total"] / 2**30:10.1f} {memory["temp"] / 2**30:9.1f} '
       f'{total:10.1f} {fits:>10} {r["compile_seconds"]:10.1f}',
       flush=True,
