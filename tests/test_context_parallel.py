@@ -114,3 +114,21 @@ def test_stage_trains_with_context_parallelism_like_one_device(tmp_path, stage, 
   one = first_losses(tmp_path, stage, 1, 1)
   split = first_losses(tmp_path, stage, sequence, sequence)
   assert len(one) == 2 and split == pytest.approx(one, rel=2e-3)
+
+
+def test_a_length_the_sequence_axis_cannot_split_stays_whole():
+  """E.g. 12 tokens on sequence 8: every device attends over whole rows, keys not re-gathered."""
+  from k2jax.model.kernels.reference import dense_attention
+  from k2jax.parallel import context
+
+  rng = np.random.default_rng(2)
+  q, k, v = (rng.normal(size=(1, 12, h, 8)).astype(np.float32) for h in (4, 2, 2))
+  positions = np.arange(12)[None].astype(np.int32)
+  segments = np.ones((1, 12), np.int32)
+  args = (q, k, v, positions, positions, segments, segments)
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, tensor=1, sequence=8)))
+  with sharding.activate(mesh, False):
+    attend = jax.jit(context.shard_attention(dense_attention, custom_call=True))
+    out, hlo = attend(*args), attend.lower(*args).compile().as_text()
+  np.testing.assert_allclose(out, dense_attention(*args), rtol=1e-6, atol=1e-6)
+  assert 'all-gather' not in hlo

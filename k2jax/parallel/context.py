@@ -52,6 +52,9 @@ def shard_attention(fn, *, custom_call: bool):
         if name and size % math.prod(mesh.shape[a] for a in _mesh_axes(name)):
           whole.add(name)
 
+    if 'activation_length' in whole:  # each device then holds whole rows: nothing to gather
+      length_axes = ()
+
     def spec(axes):
       return PartitionSpec(*nn.logical_to_mesh_axes(tuple(None if a in whole else a for a in axes)))
 
