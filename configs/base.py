@@ -61,7 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.attention = 'auto'  # auto | xla | blockwise | pallas | cudnn (docs/attention.md)
   c.model.attention_block_q = ml_collections.config_dict.placeholder(int)  # pallas/blockwise block
   c.model.attention_block_kv = ml_collections.config_dict.placeholder(int)  # None: backend default
-  # What each block keeps for its backward: none | full | save_dots | save_qkv_attn
+  # What each block keeps for its backward: none | full | save_dots | save_qkv_attn | save_attn
   # | offload_block_input (in host memory; docs/long_context.md).
   c.model.remat = 'full'
   c.model.loss_chunk = 4096  # positions of each row per cross-entropy chunk (0: whole logits)

@@ -125,9 +125,9 @@ def test_remat_policy_matches_no_remat(policy, caplog):
   assert offloaded == any('stay on the device' in r.getMessage() for r in caplog.records)
 
 
-def saved_by(policy, capsys):
+def saved_by(policy, capsys, cfg=TINY):
   """What one block keeps for its backward under a REMAT_POLICY entry, one line each."""
-  block = Block(TINY)
+  block = Block(cfg)
   x_BxLxE = jnp.ones((2, 8, TINY.hidden_size))
   positions_BxL = jnp.broadcast_to(jnp.arange(8), (2, 8))
   params = jax.tree.map(lambda p: p[0], PARAMS['layers'])  # layer 0 of the stack
@@ -142,14 +142,23 @@ def saved_by(policy, capsys):
   return capsys.readouterr().out.splitlines()
 
 
+QKV = {'query_proj', 'key_proj', 'value_proj'}
+
+
 @pytest.mark.parametrize(
-  'policy,names',
+  'policy,backend,names',
   [
-    ('save_qkv_attn', {'query_proj', 'key_proj', 'value_proj', 'attention_out'}),
+    ('save_qkv_attn', 'xla', QKV | {'attention_out'}),  # the dense reference has no lse
+    ('save_qkv_attn', 'blockwise', QKV | {'attention_out', 'attention_lse'}),
+    ('save_attn', 'blockwise', {'attention_out', 'attention_lse'}),
+    ('save_attn', 'pallas', {'attention_out', 'attention_lse'}),
   ],
 )
-def test_policies_save_the_named_activations(policy, names, capsys):
-  saved = saved_by(policy, capsys)
+def test_policies_save_the_named_activations(policy, backend, names, capsys):
+  """The flash backends name their output and log-sum-exp inside their forward rule, so the
+  policy keeps them and the backward pass needs no second attention forward."""
+  cfg = dataclasses.replace(TINY, attention=backend, attention_block_q=16, attention_block_kv=16)
+  saved = saved_by(policy, capsys, cfg)
   assert {m for line in saved for m in re.findall(r"named '(\w+)'", line)} == names
 
 

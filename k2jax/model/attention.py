@@ -106,7 +106,7 @@ class Attention(nn.Module):
         segment_ids_BxL,
         segment_ids_BxL,
       )
-      return project(checkpoint_name(out_BxLxHxD, 'attention_out'))
+      return project(out_BxLxHxD)  # the backends name their output 'attention_out'
     # In place in the scan's carry: only this chunk's slots of this layer are written.
     start = (layer, 0, cache['index'], 0, 0)
     cache = dict(cache)

@@ -125,6 +125,7 @@ REMAT_POLICIES = (
   'full',
   'save_dots',
   'save_qkv_attn',
+  'save_attn',
   'offload_block_input',
 )
 ATTENTION_CHOICES = ('auto', 'xla', 'blockwise', 'pallas', 'cudnn')

@@ -79,17 +79,20 @@ def _offload(*names):
 
 # model.remat -> what a block keeps for its backward pass (besides its input); the rest is
 # recomputed. Names: the block's input 'block_input'; the q / k (after rotary) / v projections
-# 'query_proj', 'key_proj', 'value_proj'; the attention core's output 'attention_out'. The
-# backends' own residuals (their output, logsumexp) carry no name: whatever the policy, the
-# backward pass reruns the attention forward for them, so no policy saves the attention alone.
+# 'query_proj', 'key_proj', 'value_proj'; the attention backend's output 'attention_out' and,
+# for `blockwise` and `pallas`, its log-sum-exp 'attention_lse': with both kept, the backward
+# pass does not rerun the attention forward (the dense `xla` reruns it for its probabilities,
+# `cudnn` always does).
 REMAT_POLICY = {
   'full': _policies.nothing_saveable,  # recompute the whole block (K2-V2's choice)
   # Keep the weight matmuls' outputs, recompute the rest (elementwise, attention softmax).
   'save_dots': _policies.dots_with_no_batch_dims_saveable,
   # Recompute the norms, the output projection and the MLP, not the q/k/v projections.
   'save_qkv_attn': _policies.save_only_these_names(
-    'query_proj', 'key_proj', 'value_proj', 'attention_out'
+    'query_proj', 'key_proj', 'value_proj', 'attention_out', 'attention_lse'
   ),
+  # Recompute all but the attention core, the costliest part at long context.
+  'save_attn': _policies.save_only_these_names('attention_out', 'attention_lse'),
   **{name: _offload(*names) for name, names in OFFLOADED.items()},
 }
 

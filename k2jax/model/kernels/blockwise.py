@@ -53,6 +53,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 # From benchmarks/attention.py on CPU (fp32, 8 query heads on 1 KV head, head dim 128): a tile
 # of 8 x 128 query rows by 128 keys (512 KiB of fp32 scores) stays in L2 and is near matmul
@@ -313,6 +314,8 @@ def _attention(block_q, block_kv, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
 
 def _attention_fwd(block_q, block_kv, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
   out, lse = _forward(block_q, block_kv, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+  # Named, so a remat policy can keep them and the backward pass skip the forward loop.
+  out, lse = checkpoint_name(out, 'attention_out'), checkpoint_name(lse, 'attention_lse')
   return out, (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)
 
 

@@ -37,6 +37,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -85,9 +86,6 @@ class _Mask(NamedTuple):
   q_blocks_BxNkxNq: jax.Array
 
 
-@functools.partial(
-  jax.jit, static_argnames=('block_q', 'block_kv', 'interpret', 'num_warps', 'num_stages')
-)
 def pallas_attention(
   q_BxTxHxD,
   k_BxSxKxD,
@@ -460,6 +458,9 @@ def _flash(config, q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask):
 
 def _flash_fwd(config, q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask):
   out_BxTxHxD, lse_BxHxT = _forward(config, q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask)
+  # Named, so a remat policy can keep them and the backward pass skip the forward kernel.
+  out_BxTxHxD = checkpoint_name(out_BxTxHxD, 'attention_out')
+  lse_BxHxT = checkpoint_name(lse_BxHxT, 'attention_lse')
   return out_BxTxHxD, (q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask, out_BxTxHxD, lse_BxHxT)
 
 

@@ -15,6 +15,7 @@ query head. A query that sees no key gets zeros.
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 
 def visible(q_positions_BxT, kv_positions_BxS, q_segment_ids_BxT, kv_segment_ids_BxS):
@@ -69,6 +70,8 @@ def _attend_fwd(q_BxKxMxD, k_BxKxSxD, v_BxKxSxD, mask_Bx1xMxS):
   )
   probs_BxKxMxS = probs_BxKxMxS * norm_BxKxMx1
   out_BxKxMxD = jnp.einsum('bkms,bksd->bkmd', probs_BxKxMxS.astype(v_BxKxSxD.dtype), v_BxKxSxD)
+  # Named like the flash backends' output; the probabilities stay unnamed (they are [M, S]).
+  out_BxKxMxD = checkpoint_name(out_BxKxMxD, 'attention_out')
   return out_BxKxMxD, (q_BxKxMxD, k_BxKxSxD, v_BxKxSxD, probs_BxKxMxS, out_BxKxMxD)
 
 
