@@ -35,21 +35,18 @@ def reorder(batch: dict, shards: int) -> dict:
   """The batch with every [rows, seq_len] array in zigzag order (shards=1: unchanged)."""
   if shards == 1:
     return batch
-  seq_len = batch['inputs'].shape[1]
-  order = zigzag_order(seq_len, shards)
-  return {
-    key: value[:, order] if value.ndim == 2 and value.shape[1] == seq_len else value
-    for key, value in batch.items()
-  }
+  return _permute(batch, zigzag_order(batch['inputs'].shape[1], shards))
 
 
 def restore(batch: dict, shards: int) -> dict:
   """The inverse of `reorder`: rows back in token order."""
   if shards == 1:
     return batch
-  seq_len = batch['inputs'].shape[1]
-  inverse = np.argsort(zigzag_order(seq_len, shards))
+  return _permute(batch, np.argsort(zigzag_order(batch['inputs'].shape[1], shards)))
+
+
+def _permute(batch: dict, order: np.ndarray) -> dict:
   return {
-    key: value[:, inverse] if value.ndim == 2 and value.shape[1] == seq_len else value
+    key: value[:, order] if value.ndim == 2 and value.shape[1] == len(order) else value
     for key, value in batch.items()
   }

@@ -128,7 +128,7 @@ REMAT_POLICIES = (
   'save_attn',
   'offload_block_input',
 )
-ATTENTION_CHOICES = ('auto', 'xla', 'blockwise', 'pallas', 'cudnn')
+ATTENTION_CHOICES = ('auto', 'xla', 'blockwise', 'pallas', 'cudnn')  # kernels/select.py
 
 PRESETS = {
   # Trains on a CPU in seconds; every dim divisible by 8 so all test meshes apply.

@@ -16,22 +16,17 @@ Backends XLA partitions itself (`xla`, `blockwise`) are left to it when the leng
 custom calls (`pallas`, `cudnn`) always run under `shard_map`, which XLA cannot see into.
 """
 
-import math
-
 import flax.linen as nn
 import jax
 from jax import lax
 from jax.sharding import PartitionSpec
 
+from k2jax.parallel import sharding
+
 _QUERY = ('activation_batch', 'activation_length', 'activation_heads', None)
 _KEY = ('activation_batch', 'activation_length', 'activation_kv_heads', None)
 _TOKENS = ('activation_batch', 'activation_length')
 IN_AXES = (_QUERY, _KEY, _KEY, _TOKENS, _TOKENS, _TOKENS, _TOKENS)
-
-
-def _mesh_axes(logical):
-  axes = nn.logical_to_mesh_axes((logical,))[0]
-  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
 
 
 def shard_attention(fn, *, custom_call: bool):
@@ -41,7 +36,10 @@ def shard_attention(fn, *, custom_call: bool):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
       return fn(*args)
-    length_axes = tuple(a for a in _mesh_axes('activation_length') if mesh.shape[a] > 1)
+    rules = dict(nn.get_logical_axis_rules())
+    length_axes = tuple(
+      a for a in sharding.mesh_axes(rules, 'activation_length') if mesh.shape[a] > 1
+    )
     if not length_axes and not custom_call:
       return fn(*args)
     # A dimension that does not divide its mesh axes (the one-row batch of shape inference)
@@ -49,7 +47,7 @@ def shard_attention(fn, *, custom_call: bool):
     whole = set()
     for arg, axes in zip(args, IN_AXES):
       for size, name in zip(arg.shape, axes):
-        if name and size % math.prod(mesh.shape[a] for a in _mesh_axes(name)):
+        if name and size % sharding.split_count(mesh, rules, name):
           whole.add(name)
 
     if 'activation_length' in whole:  # each device then holds whole rows: nothing to gather

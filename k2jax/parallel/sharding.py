@@ -104,14 +104,24 @@ def partition_spec(logical_axes, rules: dict[str, Any], what: str) -> PartitionS
   return PartitionSpec(*(rules[name] for name in logical_axes))
 
 
+def mesh_axes(rules: dict[str, Any], logical_axis) -> tuple[str, ...]:
+  """The mesh axes a logical axis name maps to under `rules` (none: replicated)."""
+  axes = rules.get(logical_axis)
+  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def split_count(mesh, rules: dict[str, Any], logical_axis) -> int:
+  """Into how many pieces the mesh splits a dimension named `logical_axis`."""
+  return math.prod(mesh.shape[axis] for axis in mesh_axes(rules, logical_axis))
+
+
 def check_divisible(shape, logical_axes, mesh: Mesh, rules: dict[str, Any], what: str):
   """Raises a ValueError naming the dimension and mesh axis that do not divide."""
   for dim, (size, name) in enumerate(zip(shape, logical_axes)):
-    axes = rules.get(name)
-    if axes is None:
+    axes = mesh_axes(rules, name)
+    if not axes:
       continue
-    axes = (axes,) if isinstance(axes, str) else axes
-    axis_size = math.prod(mesh.shape[axis] for axis in axes)
+    axis_size = split_count(mesh, rules, name)
     if size % axis_size:
       label = f'mesh axis {axes[0]!r}' if len(axes) == 1 else f'mesh axes {"×".join(axes)}'
       raise ValueError(
@@ -208,23 +218,14 @@ def splits_length() -> bool:
   if mesh.empty:
     return False
   rules = dict(nn.get_logical_axis_rules())
-  for name in LENGTH_AXES:
-    axes = rules.get(name)
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-    if math.prod(mesh.shape[axis] for axis in axes) > 1:
-      return True
-  return False
+  return any(split_count(mesh, rules, name) > 1 for name in LENGTH_AXES)
 
 
 def length_shards(mesh: Mesh) -> int:
   """Into how many pieces the attention's length is split (the context-parallel degree)."""
-  axes = logical_rules(False)['activation_length']
-  axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-  return math.prod(mesh.shape[axis] for axis in axes)
+  return split_count(mesh, logical_rules(False), 'activation_length')
 
 
 def local_size(mesh: Mesh, size: int, logical_axis: str, fsdp: bool = False) -> int:
   """How much of a dimension of `size` named `logical_axis` one device holds."""
-  axes = logical_rules(fsdp).get(logical_axis)
-  axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-  return max(1, size // math.prod(mesh.shape[axis] for axis in axes))
+  return max(1, size // split_count(mesh, logical_rules(fsdp), logical_axis))

@@ -15,10 +15,11 @@ import functools
 
 import jax
 
+from k2jax.model.config import ATTENTION_CHOICES
 from k2jax.parallel import context
 
-NAMES = ('xla', 'blockwise', 'pallas', 'cudnn')
-CHOICES = ('auto', *NAMES)
+CHOICES = ATTENTION_CHOICES  # 'auto' and the backends' names
+NAMES = tuple(name for name in CHOICES if name != 'auto')
 
 # From this many keys on, `auto` picks `blockwise` on CPU: benchmarks/attention.py measured it
 # 1.3x faster than `xla` at 512 keys, about even at 256 (docs/attention.md).
