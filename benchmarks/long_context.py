@@ -127,7 +127,7 @@ def main():
   if args.no_70b:
     return
   print()
-  print('70B planner rows (k2jax.estimate, blockwise standing in for the flash kernel)')
+  print('70B planner rows (k2jax.estimate; blockwise for the flash kernel, float16 for bfloat16)')
   print(
     f'{"stage":>7} {"tokens":>8} {"mesh":>24} {"state GiB":>10} {"temp GiB":>9} '
     f'{"total GiB":>10} {"fits H200":>10} {"compile s":>10}'

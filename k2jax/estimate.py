@@ -123,6 +123,32 @@ def _flash_stand_in(cfg) -> str | None:
   return 'the flash kernel (cudnn or pallas)' if asked == 'auto' else asked
 
 
+def _dtype_stand_in(cfg) -> str | None:
+  """On CPU, compiles a bfloat16 model as float16: same sizes, without XLA:CPU's upcasts.
+
+  XLA:CPU's float normalization rewrites every bf16 dynamic-update-slice to f32, so the scan
+  that stacks each layer's input for the backward pass would hold an f32 copy of that stack
+  (20 GiB at stage 3). XLA:GPU keeps bf16 for data-movement ops (gpu_float_support.cc), and
+  XLA:CPU keeps float16 as it is, so float16 gives the GPU step's buffers.
+  """
+  import jax
+
+  if jax.devices()[0].platform != 'cpu' or cfg.model.dtype != 'bfloat16':
+    return None
+  cfg.model.dtype = 'float16'
+  return 'bfloat16'
+
+
+def _dtype_lines(result: dict) -> list[str]:
+  if not result.get('compute_dtype_stands_in_for'):
+    return []
+  return [
+    f'compute dtype {result["compute_dtype"]}: on this CPU it stands in for '
+    f'{result["compute_dtype_stands_in_for"]} (same sizes; XLA:CPU would upcast bf16 loop '
+    'updates to f32, which a GPU does not)'
+  ]
+
+
 def _attention_line(attention: dict) -> str:
   line = f'attention {attention["backend"]}: {attention["reason"]}'
   if attention.get('stands_in_for'):
@@ -147,6 +173,7 @@ def plan(cfg) -> dict:
   try:
     run_config.validate(cfg)
     stand_in = _flash_stand_in(cfg)
+    dtype_stand_in = _dtype_stand_in(cfg)
     run = train_step.plan(cfg)
   except ValueError as error:
     raise PlanError(str(error)) from error
@@ -226,6 +253,8 @@ def plan(cfg) -> dict:
       'reason': run.attention.reason,
       'stands_in_for': stand_in,
     },
+    'compute_dtype': cfg.model.dtype,
+    'compute_dtype_stands_in_for': dtype_stand_in,
     'num_devices': len(devices),
     'platform': devices[0].platform,
     'device_kind': devices[0].device_kind,
@@ -275,6 +304,7 @@ def format_report(spec: str, result: dict) -> str:
     f'mesh {mesh}{" (fsdp)" if result["fsdp"] else ""} on {result["num_devices"]} '
     f'{result["platform"]} devices',
     _attention_line(result['attention']),
+    *_dtype_lines(result),
     '',
     'per device, analytic (shapes x dtypes / shardings):',
     f'  parameters          {_size(state["params"])}',

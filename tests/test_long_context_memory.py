@@ -181,3 +181,44 @@ def test_accumulated_gradients_lie_as_the_parameters():
   V, E = TINY.vocab_size, TINY.hidden_size  # the embedding: vocab over tensor, embed over 4
   assert any(f'f32[{V // 2},{E // 4}]' in carry for carry in carries)
   assert not any(f'f32[{V},{E}]' in carry for carry in carries)
+
+
+def debug_stage3(dtype: str) -> ml_collections.ConfigDict:
+  from k2jax import run_config
+
+  cfg = run_config.load('configs/midtrain.py:stage3,debug')
+  cfg.model.dtype = dtype
+  cfg.mesh.data, cfg.mesh.tensor, cfg.mesh.sequence = 1, 2, 4
+  cfg.data.global_batch_size = 1
+  return cfg
+
+
+def test_estimate_compiles_bfloat16_as_float16_on_cpu():
+  """XLA:CPU upcasts the bf16 stack of layer inputs to f32 (a GPU does not); the planner's
+  float16 stand-in has the same sizes without that copy, and the report says so."""
+  from k2jax import estimate
+
+  stood_in = estimate.plan(debug_stage3('bfloat16'))
+  assert stood_in['compute_dtype'] == 'float16'
+  assert stood_in['compute_dtype_stands_in_for'] == 'bfloat16'
+  assert 'stands in for bfloat16' in estimate.format_report('stage3,debug', stood_in)
+  assert estimate.plan(debug_stage3('float32'))['compute_dtype_stands_in_for'] is None
+  # The premise: compiled as bf16, the same step needs more temporaries on XLA:CPU.
+  cfg = debug_stage3('bfloat16')
+  run = train_step.plan(cfg)
+  state = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+    run.abstract_state,
+    run.state_sharding,
+  )
+  batch = {
+    key: jax.ShapeDtypeStruct(
+      (1, cfg.data.seq_len),
+      np.float32 if key == 'loss_mask' else np.int32,
+      sharding=run.batch_sharding,
+    )
+    for key in train_step.BATCH_KEYS
+  }
+  with sharding.activate(run.mesh, cfg.mesh.fsdp):
+    compiled = run.jit_train_step().trace(state, batch).lower().compile()
+  assert stood_in['memory_per_device']['temp'] < compiled.memory_analysis().temp_size_in_bytes
