@@ -47,7 +47,10 @@ setup(
       'transformers>=5.23,<6',
       'lm-eval>=0.4.13,<0.5',
       'ruff==0.17.6',
+      'ray>=2.60,<3',  # tests of data_pipeline.prepare --engine=ray
     ],
+    # `python -m data_pipeline.prepare --engine=ray`: plain ray (no dashboard, no [default]).
+    'ray': ['ray>=2.60,<3'],
     # `python -m k2jax.lm_eval_adapter`: lm-evaluation-harness on k2jax checkpoints.
     'eval': ['lm-eval>=0.4.13,<0.5'],
   },

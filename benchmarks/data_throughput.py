@@ -15,6 +15,18 @@ core with `data.worker_count=0`, so a figure is what one core delivers:
 
 tokens/s = timed batches x batch x seq_len / seconds, after one untimed warm-up batch. Padding
 ('best_fit') counts as tokens, as it does on the accelerator; the pad column says how much.
+
+`--streaming` prints the streaming and distributed-preparation rows instead (issue 14), on a
+generated corpus of 1K-token documents (the demo's, 8 joined into one) in JSONL files, with the
+HF tokenizer.json (the kind K2-V2 ships), unpinned since workers need cores of their own:
+
+  (d) data.stream=True -> 'concat' batches, data.worker_count 0, 1 and 2: tokens/s per host
+      against the 8.8K tokens/s a 70B host consumes
+  (e) peak host memory (max RSS of the trainer process; (d) gives a worker's) when
+      streaming a `--big_mb` corpus (1024) against a `--small_mb` one (20): goal, within 300 MB;
+      the in-memory reader on both for contrast
+  (f) data_pipeline.prepare tokens/s: local engine with 1 and 2 processes, Ray with 2 local
+      workers (its start-up timed apart), and the core-hours that makes for TxT360's 8.6T tokens
 """
 
 import argparse
@@ -334,6 +346,245 @@ def report(args, prepared: dict, results: list[dict], load: tuple) -> None:
     print('NOTE: --profile was on; cProfile slows Python code, so these figures are low')
 
 
+# --- streaming and preparation engines (--streaming) --------------------------------------
+
+TXT360_TOKENS = 8.6e12
+MEMORY_GOAL_MB = 300
+STREAM_JOIN = 8  # demo documents per generated document: ~1K tokens, web-like
+
+
+def write_stream_corpus(directory: str, megabytes: int) -> str:
+  """JSONL files of 1K-token documents, `megabytes` in all (files of at most 32 MB, at least
+  4); returns their glob."""
+  os.makedirs(directory)
+  with open(TEXT_FILE) as f:
+    texts = [json.loads(line)['text'] for line in f]
+  lines = [
+    json.dumps({'text': '\n\n'.join(texts[i : i + STREAM_JOIN])}) + '\n'
+    for i in range(0, len(texts), STREAM_JOIN)
+  ]
+  block = ''.join(lines).encode()
+  total = megabytes * 2**20
+  per_file = min(32 * 2**20, max(len(block), total // 4))
+  written, index = 0, 0
+  while written < total:
+    with open(os.path.join(directory, f'part-{index:04d}.jsonl'), 'wb') as f:
+      size = 0
+      while size < per_file and written + size < total:
+        f.write(block)
+        size += len(block)
+    written += size
+    index += 1
+  return os.path.join(directory, '*.jsonl')
+
+
+def children_cpu_seconds() -> float:
+  """CPU seconds of this process's finished (joined) child processes."""
+  times = os.times()
+  return times.children_user + times.children_system
+
+
+def peak_kb(pid: int) -> int:
+  """A process's peak resident memory (VmHWM), in KB; 0 if it is gone."""
+  try:
+    with open(f'/proc/{pid}/status') as f:
+      for line in f:
+        if line.startswith('VmHWM:'):
+          return int(line.split()[1])
+  except OSError:
+    pass
+  return 0
+
+
+def run_stream_case(args, case: dict) -> dict:
+  """One (d) / (e) case in this process: batches for `args.seconds`, then the peak memory."""
+  import gc
+  import multiprocessing
+  import resource
+
+  import ml_collections
+
+  from data_pipeline import pipeline
+
+  cfg = ml_collections.ConfigDict(
+    {
+      'seq_len': args.seq_len,
+      'global_batch_size': args.batch,
+      'train_files': case['files'],
+      'eval_files': '',
+      'tokenizer': HF_TOKENIZER,
+      'text_field': 'text',
+      'worker_count': case['workers'],
+      'packing': 'concat',
+      'stream': case['stream'],
+    }
+  )
+  start = time.perf_counter()
+  batches = pipeline.build(cfg, seed=0, split='train')
+  next(batches)
+  startup = time.perf_counter() - start
+  meter, count, children = Meter(), 0, children_cpu_seconds()
+  deadline = time.perf_counter() + args.seconds
+  while time.perf_counter() < deadline:
+    next(batches)
+    count += 1
+  timing = meter.read()
+  # A worker's own peak (VmHWM): its ru_maxrss would count the parent's pages it was forked
+  # with before its exec.
+  worker_peak = max((peak_kb(p.pid) for p in multiprocessing.active_children()), default=0)
+  del batches
+  gc.collect()  # the streaming workers stop with the iterator (and their CPU time is known)
+  tokens = count * args.batch * args.seq_len
+  cpu = timing['own_cpu'] * timing['seconds'] + children_cpu_seconds() - children
+  return dict(
+    case,
+    tokens_per_s=tokens / timing['seconds'],
+    tokens_per_cpu_s=tokens / cpu,
+    startup_s=startup,
+    peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    worker_peak_mb=worker_peak / 1024,
+    **timing,
+  )
+
+
+def stream_subprocess(args, case: dict) -> dict:
+  argv = [
+    sys.executable,
+    os.path.abspath(__file__),
+    f'--stream_worker={json.dumps(case)}',
+    f'--seconds={args.seconds}',
+    f'--seq_len={args.seq_len}',
+    f'--batch={args.batch}',
+  ]
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  proc = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, check=False)
+  if proc.returncode:
+    sys.stderr.write(proc.stderr)
+    raise SystemExit(f'{case} failed with exit code {proc.returncode}')
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def time_prepare(files: str, output: str, workers: int, engine: str) -> dict:
+  from data_pipeline import prepare, sources
+
+  request = prepare.Request(inputs=tuple(sources.match_files(files)), tokenizer=HF_TOKENIZER)
+  ray_start = 0.0
+  if engine == 'ray':
+    import ray
+
+    os.environ.setdefault('RAY_USAGE_STATS_ENABLED', '0')
+    clock = time.perf_counter()
+    ray.init(num_cpus=workers, include_dashboard=False, object_store_memory=100 * 2**20)
+    ray_start = time.perf_counter() - clock
+  meter, children = Meter(), children_cpu_seconds()
+  try:
+    manifest = prepare.prepare(request, output, workers=workers, progress=False, engine=engine)
+  finally:
+    if engine == 'ray':
+      ray.shutdown()
+  timing = meter.read()
+  # Local: this process and its pool (joined); Ray's workers are not our children.
+  cpu = timing['own_cpu'] * timing['seconds'] + children_cpu_seconds() - children
+  return dict(
+    engine=engine,
+    workers=workers,
+    tokens=manifest['tokens'],
+    tokens_per_s=manifest['tokens'] / timing['seconds'],
+    tokens_per_cpu_s=manifest['tokens'] / cpu if engine == 'local' else None,
+    ray_start_s=ray_start,
+    **timing,
+  )
+
+
+def streaming_main(args) -> None:
+  sys.path.insert(0, REPO)
+  load_before = os.getloadavg()
+  workdir = tempfile.mkdtemp(prefix='stream_throughput_')
+  try:
+    small = write_stream_corpus(os.path.join(workdir, 'small'), args.small_mb)
+    big = write_stream_corpus(os.path.join(workdir, 'big'), args.big_mb)
+    throughput = [
+      stream_subprocess(args, dict(files=small, workers=w, stream=True)) for w in (0, 1, 2)
+    ]
+    memory = [
+      stream_subprocess(args, dict(files=files, workers=0, stream=stream, mb=mb))
+      for stream in (True, False)
+      for files, mb in ((small, args.small_mb), (big, args.big_mb))
+    ]
+    prepared = [
+      time_prepare(small, os.path.join(workdir, f'prepared-{engine}-{w}'), w, engine)
+      for engine, w in (('local', 1), ('local', 2), ('ray', 2))
+    ]
+  finally:
+    shutil.rmtree(workdir, ignore_errors=True)
+  load = (load_before, os.getloadavg())
+  if args.output == 'json':
+    print(json.dumps({'throughput': throughput, 'memory': memory, 'prepare': prepared}, indent=2))
+    return
+  report_streaming(args, throughput, memory, prepared, load)
+
+
+def report_streaming(args, throughput, memory, prepared, load) -> None:
+  before, after = (' '.join(f'{x:.2f}' for x in avg) for avg in load)
+  print(
+    f'corpus: generated JSONL of ~1K-token documents (demo x {STREAM_JOIN} joined), '
+    f'{args.small_mb} MB and {args.big_mb} MB; HF tokenizer.json; batches {args.batch} x '
+    f'{args.seq_len}; {args.seconds:g} s per case after 1 warm-up batch; '
+    f'{os.cpu_count()} cores, unpinned'
+  )
+  print(f'load average (1/5/15 min) before / after: {before} / {after}; {versions()}')
+  print()
+  print(
+    f'{"":3}{"case":<46}{"tokens/s":>11}{"x host":>8}{"own cpu":>9}{"others":>8}'
+    f'{"startup":>9}{"worker RSS":>12}{"per cpu-s":>11}'
+  )
+  for r in throughput:
+    label = f'stream {args.small_mb} MB JSONL, concat, {r["workers"]} worker(s)'
+    worker = f'{r["worker_peak_mb"]:,.0f} MB' if r['workers'] else ''
+    print(
+      f'(d){label:<46}{r["tokens_per_s"]:>11,.0f}{r["tokens_per_s"] / NEED_PER_HOST:>7.1f}x'
+      f'{r["own_cpu"]:>9.0%}{r["other_cores"]:>8.2f}{r["startup_s"]:>8.1f}s{worker:>12}'
+      f'{r["tokens_per_cpu_s"]:>11,.0f}'
+    )
+  print()
+  print(f'{"":3}{"case":<46}{"peak RSS":>11}{"tokens/s":>11}{"startup":>9}')
+  for r in memory:
+    label = f'{"stream" if r["stream"] else "in-memory reader"}, {r["mb"]:,} MB corpus'
+    print(
+      f'(e){label:<46}{r["peak_mb"]:>8,.0f} MB{r["tokens_per_s"]:>11,.0f}{r["startup_s"]:>8.1f}s'
+    )
+  streamed = {r['mb']: r['peak_mb'] for r in memory if r['stream']}
+  growth = streamed[args.big_mb] - streamed[args.small_mb]
+  verdict = 'yes' if abs(growth) <= MEMORY_GOAL_MB else 'NO'
+  print(
+    f'   streaming peak, {args.big_mb:,} MB vs {args.small_mb} MB corpus: {growth:+,.0f} MB '
+    f'(goal: within {MEMORY_GOAL_MB} MB: {verdict})'
+  )
+  print()
+  print(f'{"":3}{"case":<46}{"tokens/s":>11}{"own cpu":>9}{"others":>8}{"per cpu-s":>11}')
+  for r in prepared:
+    label = f'prepare {args.small_mb} MB, {r["engine"]} engine, {r["workers"]} worker(s)'
+    per_cpu = f'{r["tokens_per_cpu_s"]:,.0f}' if r['tokens_per_cpu_s'] else '-'
+    extra = f'  (+ {r["ray_start_s"]:.1f} s to start Ray)' if r['engine'] == 'ray' else ''
+    print(
+      f'(f){label:<46}{r["tokens_per_s"]:>11,.0f}{r["own_cpu"]:>9.0%}{r["other_cores"]:>8.2f}'
+      f'{per_cpu:>11}{extra}'
+    )
+  per_core = prepared[0]['tokens_per_cpu_s']  # one local process: all the work in-process
+  print(
+    f'   TxT360 ({TXT360_TOKENS / 1e12:.1f}T tokens) at {per_core:,.0f} tokens per core-second: '
+    f'{TXT360_TOKENS / per_core / 3600:,.0f} core-hours'
+  )
+  print(
+    f'(x host: tokens/s / {NEED_PER_HOST:,}, what an 8-GPU 70B host consumes; own cpu: the '
+    f'trainer (or prepare driver) process; others: cores other processes, workers included, '
+    f"kept busy; peak RSS: the trainer process's max resident memory; worker RSS: the "
+    "largest tokenizing worker's; per cpu-s: tokens per CPU-second of the process and the "
+    'worker processes it joined, what a core gives undisturbed; not known for Ray, whose '
+    'workers are not its children)'
+  )
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--seconds', type=float, default=5.0, help='timed seconds per case')
@@ -373,9 +624,21 @@ def main():
   parser.add_argument('--output', choices=('table', 'json'), default='table')
   parser.add_argument('--workdir', default=None, help=argparse.SUPPRESS)
   parser.add_argument('--worker', choices=tuple(CASES), default=None, help=argparse.SUPPRESS)
+  parser.add_argument(
+    '--streaming', action='store_true', help='the streaming / prepare-engine rows (d)-(f) instead'
+  )
+  parser.add_argument('--big_mb', type=int, default=1024, help='(e): the large corpus, MB')
+  parser.add_argument('--small_mb', type=int, default=20, help='(e): the small corpus, MB')
+  parser.add_argument('--stream_worker', default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.batch is None:
     args.batch = max(1, BATCH_TOKENS // args.seq_len)
+  if args.stream_worker:
+    print(json.dumps(run_stream_case(args, json.loads(args.stream_worker))))
+    return
+  if args.streaming:
+    streaming_main(args)
+    return
   pin(args.core)
 
   if args.worker:

@@ -18,7 +18,8 @@ Three kinds of source, told apart by the path:
              cut to seq_len tokens, with an optional random system prompt
 
 Raw sources hold their records in memory: fine for SFT sets and evaluation files; the
-pre-training corpora go through data_pipeline.prepare first.
+pre-training corpora are streamed (`data.stream`, data_pipeline/streaming.py, which makes the
+same documents with `make_document`) or go through data_pipeline.prepare first.
 """
 
 import dataclasses
@@ -62,7 +63,7 @@ class _DecodeRecord(grain.transforms.Map):
     tokens, target_mask = prepare.decode_record(record, self._has_mask)
     if self._max_len is not None:
       tokens, target_mask = tokens[: self._max_len], target_mask[: self._max_len]
-    return _document(tokens, target_mask, self._source)
+    return make_document(tokens, target_mask, self._source)
 
 
 class _TokenizeText(grain.transforms.Map):
@@ -72,7 +73,7 @@ class _TokenizeText(grain.transforms.Map):
 
   def map(self, text: str) -> dict[str, np.ndarray]:
     tokens = np.asarray(self._tokenizer.encode(text) + [self._tokenizer.eos_id], np.int32)
-    return _document(tokens, np.ones(len(tokens), bool), self._source)
+    return make_document(tokens, np.ones(len(tokens), bool), self._source)
 
 
 class _RenderChat(grain.transforms.RandomMap):
@@ -98,10 +99,10 @@ class _RenderChat(grain.transforms.RandomMap):
     rendered = chat.render_sample(
       conversation, turn, self._tokenizer, max_len=self._max_len, system_prompt=prompt
     )
-    return _document(rendered['tokens'], rendered['target_mask'], self._source)
+    return make_document(rendered['tokens'], rendered['target_mask'], self._source)
 
 
-def _document(tokens, target_mask, source: int) -> dict[str, np.ndarray]:
+def make_document(tokens, target_mask, source: int) -> dict[str, np.ndarray]:
   return {
     'tokens': tokens,
     'target_mask': target_mask,

@@ -29,13 +29,20 @@ The Grain graph, per process:
       or PackedBatchIterDataset(...)                                     'document' / 'best_fit'
       SourceCounts                            realised tokens per source
 
+With `data.stream` the training split takes its documents from data_pipeline/streaming.py
+instead (raw files read lazily, files assigned to data shards whole, a bounded shuffle
+window, tokenizing worker processes, a deterministic weighted mix); packing is the same.
+Eval always uses the graph above: evaluation files are small.
+
 Batches map `inputs`, `targets`, `positions`, `segment_ids` (int32), `loss_mask`
 (float32) and `source_ids` (int32, -1 on padding; host-side only) to
 [global_batch_size // process_count, seq_len] arrays.
 
 The returned iterator is a Grain DatasetIterator, so `get_state()` / `set_state()` checkpoint
 the data position with the model; the state also records the process count and worker
-count, and restoring it under different ones is refused with a clear message.
+count (the shard count only, when streaming: the worker count does not change the batches)
+and whether it was streamed, and restoring it under different ones is refused with a clear
+message.
 """
 
 import functools
@@ -46,7 +53,7 @@ import grain
 import numpy as np
 from absl import flags
 
-from data_pipeline import documents, load_balance, mixture, packing
+from data_pipeline import documents, load_balance, mixture, packing, streaming
 from data_pipeline.tokenizer import Tokenizer, load_tokenizer
 
 SPLITS = ('train', 'eval')
@@ -90,7 +97,8 @@ def _require_int(name: str, value, minimum: int) -> int:
 def _local_batch_size(
   data_cfg, split: str, seed: int, process_index: int, process_count: int
 ) -> int:
-  """Validates the arguments; returns the per-process batch size."""
+  """Validates the arguments; returns the rows of input shard `process_index` of
+  `process_count`."""
   if split not in SPLITS:
     raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
   _require_int('data.seq_len', data_cfg.seq_len, 1)
@@ -100,16 +108,22 @@ def _local_batch_size(
   if mode not in PACKINGS:
     raise ValueError(f'data.packing must be one of {"|".join(PACKINGS)}, got {mode!r}')
   _require_int('data.pack_buffer', data_cfg.get('pack_buffer', 0), 0)
-  process_count = _require_int('process_count', process_count, 1)
-  process_index = _require_int('process_index', process_index, 0)
+  # The caller's input shard (k2jax/parallel/input.py): processes that hold the same rows of
+  # the batch share one, so these count distinct row sets, not processes.
+  process_count = _require_int('process_count (the input shard count)', process_count, 1)
+  process_index = _require_int('process_index (the input shard index)', process_index, 0)
   if process_index >= process_count:
-    raise ValueError(f'process_index {process_index} must be < process_count {process_count}')
+    raise ValueError(
+      f'process_index {process_index} (the input shard index) must be < process_count '
+      f'{process_count} (the input shard count)'
+    )
   # Grain's shuffle takes a 32-bit seed.
   if _require_int('seed', seed, 0) >= 2**32:
     raise ValueError(f'seed must be < 2**32, got {seed}')
   if global_batch % process_count:
     raise ValueError(
-      f'data.global_batch_size {global_batch} is not divisible by process_count {process_count}'
+      f'data.global_batch_size {global_batch} is not divisible by the input shard count '
+      f'{process_count} (process_count: the processes that load different rows)'
     )
   return global_batch // process_count
 
@@ -136,13 +150,77 @@ def build(
 ) -> 'SourceCountsIterator':
   """Endless iterator of this process's batches for `split` ("train" or "eval").
 
-  The same config, seed and process give the same batches; eval ignores the seed and
+  `process_index` / `process_count` name this process's data shard and the number of
+  distinct shards: processes given the same index read the same documents and get the same
+  batches. The same config, seed and shard give the same batches; eval ignores the seed and
   always starts from the first document in file order. With `context_shards` > 1 (the
-  context-parallel degree) every row comes in zigzag order (load_balance.py).
+  context-parallel degree) every row comes in zigzag order (load_balance.py). With
+  `data.stream` the training sources are streamed (data_pipeline/streaming.py), else read
+  as random-access datasets (in memory for raw files).
   """
   local_batch = _local_batch_size(data_cfg, split, seed, process_index, process_count)
   tokenizer = tokenizer_for(data_cfg)
   chosen = mixture.sources_for(data_cfg, split)
+  mode = data_cfg.get('packing', 'concat')
+  pack_buffer = data_cfg.get('pack_buffer', 0)
+  needs_lengths = len(chosen) > 1 or (mode == 'best_fit' and not pack_buffer)
+  streamed = split == 'train' and bool(data_cfg.get('stream', False))
+  if streamed:
+    mixed, weights, lengths = streaming.build_documents(
+      data_cfg,
+      chosen,
+      tokenizer,
+      seed=seed,
+      shuffle=True,
+      shard=process_index,
+      shards=process_count,
+      need_lengths=needs_lengths,
+    )
+    stream = streaming.IteratorDataset(mixed)
+    # Batches do not depend on the worker count: only the shard count is pinned.
+    layout = {'process_count': process_count}
+  else:
+    stream, weights, lengths = _random_access_documents(
+      data_cfg, chosen, tokenizer, seed, split, process_index, process_count, needs_lengths
+    )
+    layout = {'process_count': process_count, 'worker_count': data_cfg.get('worker_count', 0)}
+  if mode == 'best_fit' and not pack_buffer:
+    pack_buffer = auto_pack_buffer(data_cfg.seq_len, sum(w * n for w, n in zip(weights, lengths)))
+
+  if mode == 'concat':
+    chunks = grain.experimental.ConcatThenSplitIterDataset(
+      stream, length_struct={key: data_cfg.seq_len + 1 for key in _DOCUMENT_KEYS}
+    )
+    batches = chunks.map(_chunk_to_example).batch(local_batch, drop_remainder=True)
+  else:
+    # A SentencePiece model without a pad piece answers -1; EOD then pads (masked anyway).
+    pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
+    batches = packing.PackedBatchIterDataset(
+      stream,
+      mode=mode,
+      seq_len=data_cfg.seq_len,
+      batch_size=local_batch,
+      pad_id=pad_id,
+      pack_buffer=pack_buffer or DEFAULT_PACK_BUFFER,
+      # Eval ignores the seed (see above), also for the order of packed rows.
+      seed=seed if split == 'train' else 0,
+    )
+  if context_shards > 1:
+    batches = batches.map(functools.partial(load_balance.reorder, shards=context_shards))
+  return SourceCountsIterator(
+    iter(batches),
+    [s.name for s in chosen],
+    [s.share for s in chosen],
+    layout,
+    mixed if streamed else None,
+  )
+
+
+def _random_access_documents(
+  data_cfg, chosen, tokenizer, seed, split, process_index, process_count, needs_lengths
+) -> tuple[grain.IterDataset, list[float], list[float]]:
+  """(documents as a Grain IterDataset, document weights, mean tokens per document) of the
+  sources read as random-access datasets: raw files in memory, prepared ones lazily."""
   streams, mean_tokens = [], []
   for index, source in enumerate(chosen):
     try:
@@ -173,14 +251,9 @@ def build(
       docs = docs.shuffle(seed=(seed + index) % 2**32)
     streams.append(docs.repeat())
     mean_tokens.append(opened.mean_tokens)  # measured only if there is a mixture
-  mode = data_cfg.get('packing', 'concat')
-  pack_buffer = data_cfg.get('pack_buffer', 0)
-  needs_lengths = len(streams) > 1 or (mode == 'best_fit' and not pack_buffer)
-  lengths = [m() for m in mean_tokens] if needs_lengths else [1.0]
+  lengths = [m() for m in mean_tokens] if needs_lengths else [1.0] * len(streams)
   weights = mixture.document_weights([s.share for s in chosen], lengths)
   mixed = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, weights)
-  if mode == 'best_fit' and not pack_buffer:
-    pack_buffer = auto_pack_buffer(data_cfg.seq_len, sum(w * n for w, n in zip(weights, lengths)))
 
   stream = mixed.to_iter_dataset(_READ_OPTIONS)
   worker_count = data_cfg.get('worker_count', 0)
@@ -192,31 +265,7 @@ def build(
     # Workers take documents round-robin and the results are interleaved
     # back in order, so the batches do not depend on worker_count.
     stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-
-  if mode == 'concat':
-    chunks = grain.experimental.ConcatThenSplitIterDataset(
-      stream, length_struct={key: data_cfg.seq_len + 1 for key in _DOCUMENT_KEYS}
-    )
-    batches = chunks.map(_chunk_to_example).batch(local_batch, drop_remainder=True)
-  else:
-    # A SentencePiece model without a pad piece answers -1; EOD then pads (masked anyway).
-    pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
-    batches = packing.PackedBatchIterDataset(
-      stream,
-      mode=mode,
-      seq_len=data_cfg.seq_len,
-      batch_size=local_batch,
-      pad_id=pad_id,
-      pack_buffer=pack_buffer or DEFAULT_PACK_BUFFER,
-      # Eval ignores the seed (see above), also for the order of packed rows.
-      seed=seed if split == 'train' else 0,
-    )
-  if context_shards > 1:
-    batches = batches.map(functools.partial(load_balance.reorder, shards=context_shards))
-  layout = {'process_count': process_count, 'worker_count': worker_count}
-  return SourceCountsIterator(
-    iter(batches), [s.name for s in chosen], [s.share for s in chosen], layout
-  )
+  return stream, weights, lengths
 
 
 class SourceCountsIterator(grain.DatasetIterator):
@@ -233,12 +282,15 @@ class SourceCountsIterator(grain.DatasetIterator):
     names: list[str],
     shares: list[float],
     layout: dict[str, int],
+    streamed_documents: streaming.MixedDocuments | None = None,
   ):
     super().__init__(parent)
     self.names = names
     self.requested_shares = shares
     self.source_tokens = np.zeros(len(names), np.int64)
     self._layout = layout
+    self._documents = streamed_documents  # None: the in-memory / random-access reader
+    self._streamed = streamed_documents is not None
 
   def __next__(self) -> dict[str, np.ndarray]:
     batch = next(self._parent)
@@ -258,9 +310,17 @@ class SourceCountsIterator(grain.DatasetIterator):
       'batches': self._parent.get_state(),
       'source_tokens': self.source_tokens.tolist(),
       **self._layout,
+      **({'stream': True} if self._streamed else {}),
     }
 
   def set_state(self, state: dict[str, Any]) -> None:
+    saved_stream = bool(state.get('stream', False))
+    if saved_stream != self._streamed:
+      raise ValueError(
+        f'the data position was saved with data.stream={saved_stream} and this run has '
+        f'{self._streamed}: positions of the two readers do not translate; resume with '
+        f'data.stream={saved_stream} or start the stage afresh'
+      )
     for key, now in self._layout.items():
       saved = state.get(key, now)
       if saved != now:
@@ -274,6 +334,12 @@ class SourceCountsIterator(grain.DatasetIterator):
   @property
   def stats(self) -> packing.PackingStats | None:
     return getattr(self._parent, 'stats', None)
+
+  @property
+  def skipped_records(self) -> int | None:
+    """Bad records the streamed sources skipped so far, restored with the position; None when
+    not streaming (the in-memory reader reports its total when it reads the files)."""
+    return None if self._documents is None else self._documents.skipped
 
 
 def packing_stats(batches) -> packing.PackingStats | None:

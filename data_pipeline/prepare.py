@@ -3,8 +3,10 @@
     python -m data_pipeline.prepare --input='/data/txt360/data/common-crawl/**/*.jsonl.gz' \
         --tokenizer=/models/k2/tokenizer.json --output=/prepared/cc --workers=16
 
-One input file becomes one output shard, so the work spreads over worker processes and a
-rerun can skip what is done. The output directory:
+One input file becomes one output shard, so the work spreads over worker processes (or, with
+`--engine=ray`, over Ray tasks on a local Ray or a cluster: data_pipeline/prepare_ray.py, the
+same bytes) and a rerun can skip what is done. Progress (files, tokens, tokens/s, time left)
+goes to stderr. The output directory:
 
     prepare.json               what was asked for (inputs, tokenizer, format) and the identity
                                of the tokenizer file; a rerun must match
@@ -45,6 +47,7 @@ MANIFEST = 'manifest.json'
 REQUEST = 'prepare.json'
 RECORD_VERSION = 'k2jax-tokens-v1'
 FORMATS = ('text', 'chat')
+ENGINES = ('local', 'ray')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,10 +249,32 @@ def _run_shard(args):
   return index, prepare_shard(request, output, index)
 
 
-def prepare(request: Request, output: str, workers: int = 1, progress: bool = True) -> dict:
-  """Prepares every input file not already done; writes and returns the manifest."""
+def prepare(
+  request: Request,
+  output: str,
+  workers: int = 1,
+  progress: bool = True,
+  *,
+  engine: str = 'local',
+  ray_address: str = '',
+  retries: int = 3,
+) -> dict:
+  """Prepares every input file not already done; writes and returns the manifest.
+
+  `engine` 'local' uses `workers` processes here; 'ray' runs the same per-file work as Ray
+  tasks (data_pipeline/prepare_ray.py), on a local Ray of `workers` CPUs or the cluster at
+  `ray_address`, retrying a failed task up to `retries` times.
+  """
   from data_pipeline.tokenizer import load_tokenizer
 
+  if engine not in ENGINES:
+    raise ValueError(f'--engine must be one of {"|".join(ENGINES)}, got {engine!r}')
+  if retries < 0:
+    raise ValueError(f'--retries must be >= 0, got {retries}')
+  if engine == 'ray':
+    from data_pipeline import prepare_ray
+
+    prepare_ray.check_installed()  # before the output is created
   if request.format not in FORMATS:
     raise ValueError(f'--format must be one of {"|".join(FORMATS)}, got {request.format!r}')
   if request.max_len < 0:
@@ -262,7 +287,7 @@ def prepare(request: Request, output: str, workers: int = 1, progress: bool = Tr
   created_request = _check_request(output, request, identity)
   done = _finished(output, len(request.inputs))
   try:
-    _prepare_shards(request, output, workers, progress, done)
+    _prepare_shards(request, output, workers, progress, done, engine, ray_address, retries)
   except BaseException as error:
     finished = len(_finished(output, len(request.inputs)))
     if not finished:
@@ -294,27 +319,42 @@ def prepare(request: Request, output: str, workers: int = 1, progress: bool = Tr
   return manifest
 
 
-def _prepare_shards(request: Request, output: str, workers: int, progress: bool, done: dict):
+def _prepare_shards(
+  request: Request,
+  output: str,
+  workers: int,
+  progress: bool,
+  done: dict,
+  engine: str = 'local',
+  ray_address: str = '',
+  retries: int = 3,
+):
   """Prepares the shards not in `done`, adding each one's counts to `done` as it finishes."""
   todo = [i for i in range(len(request.inputs)) if i not in done]
   bar = _progress_bar(len(request.inputs), len(done), progress)
   start = time.perf_counter()
   new_tokens = 0
+
+  def finished(index: int, counts: dict) -> None:
+    nonlocal new_tokens
+    done[index] = counts
+    new_tokens += counts['tokens']
+    _advance(bar, new_tokens, start)
+
   tasks = [(request, output, i) for i in todo]
   try:
-    if workers > 1 and len(todo) > 1:
+    if engine == 'ray' and todo:
+      from data_pipeline import prepare_ray
+
+      prepare_ray.prepare_shards(request, output, todo, workers, ray_address, retries, finished)
+    elif workers > 1 and len(todo) > 1:
       # spawn: a fork would copy whatever threads the parent holds (JAX, tokenizers).
       with multiprocessing.get_context('spawn').Pool(min(workers, len(todo))) as pool:
         for index, counts in pool.imap_unordered(_run_shard, tasks):
-          done[index] = counts
-          new_tokens += counts['tokens']
-          _advance(bar, new_tokens, start)
+          finished(index, counts)
     else:
       for task in tasks:
-        index, counts = _run_shard(task)
-        done[index] = counts
-        new_tokens += counts['tokens']
-        _advance(bar, new_tokens, start)
+        finished(*_run_shard(task))
   finally:
     bar.close()
 
@@ -357,7 +397,26 @@ def main(argv=None) -> int:
     help="chat: chance of adding K2's system prompt to a sample without one",
   )
   parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--workers', type=int, default=os.cpu_count() or 1)
+  parser.add_argument(
+    '--workers',
+    type=int,
+    default=None,
+    help="processes (local), or Ray tasks in flight (default: the CPUs here, or the cluster's)",
+  )
+  parser.add_argument(
+    '--engine',
+    default='local',
+    choices=ENGINES,
+    help='local processes, or Ray tasks (pip install k2jax[ray]; see data_pipeline/prepare_ray.py)',
+  )
+  parser.add_argument(
+    '--ray_address',
+    default='',
+    help="--engine=ray: an existing cluster ('auto', ray://head:10001); empty starts a local Ray",
+  )
+  parser.add_argument(
+    '--retries', type=int, default=3, help='--engine=ray: tries again a task lost to a failure'
+  )
   args = parser.parse_args(argv)
   from data_pipeline import sources
 
@@ -375,7 +434,18 @@ def main(argv=None) -> int:
       system_prompt_prob=args.system_prompt_prob if args.format == 'chat' else 0.0,
       seed=args.seed,
     )
-    manifest = prepare(request, args.output, workers=max(1, args.workers))
+    if args.workers is not None and args.workers < 1:
+      raise ValueError(f'--workers must be >= 1, got {args.workers}')
+    # A cluster's size is its own: 0 lets the Ray engine fill every CPU it has.
+    default_workers = 0 if (args.engine == 'ray' and args.ray_address) else os.cpu_count() or 1
+    manifest = prepare(
+      request,
+      args.output,
+      workers=args.workers or default_workers,
+      engine=args.engine,
+      ray_address=args.ray_address,
+      retries=args.retries,
+    )
   except (ValueError, FileNotFoundError, KeyError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -7,8 +7,9 @@ list of dicts per row). Files may be local or on any fsspec filesystem (gs://,
 s3://, memory://, ...), plain or .gz/.zst compressed.
 
 `read_values` returns every value in memory: it is meant for moderately sized
-data read on the fly. The big corpora go through an offline preparation into
-ArrayRecord instead.
+data read on the fly. The big corpora are streamed record by record
+(data_pipeline/stream_files.py, on the helpers below) or go through an offline
+preparation into ArrayRecord instead.
 
 Bad records are reported as `path:line: message` (JSONL, 1-based lines) or
 `path: row N: message` (parquet, 0-based rows, as Arrow indexes them) so they
@@ -30,8 +31,6 @@ import zlib
 from typing import Callable, NamedTuple
 
 import fsspec
-import pyarrow as pa
-import pyarrow.parquet as pq
 import zstandard
 
 logger = logging.getLogger(__name__)
@@ -41,7 +40,7 @@ SUFFIXES = ('.jsonl', '.jsonl.gz', '.jsonl.zst', '.parquet')
 # Name at most this many bad records individually; the summary gives the total.
 _MAX_REPORTED = 10
 # Parquet rows per record batch: bounds the Arrow copy held next to the values.
-_BATCH_ROWS = 1024
+BATCH_ROWS = 1024
 _CHUNK_BYTES = 1 << 16
 _URL = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
 _MAGIC = re.compile(r'[*?[]')
@@ -143,7 +142,7 @@ def match_files(pattern: str) -> list[str]:
 # --- reading -----------------------------------------------------------------
 
 
-class _ZstdReader(io.RawIOBase):
+class ZstdReader(io.RawIOBase):
   """Decompresses a .zst stream and raises EOFError if it ends inside a frame.
 
   zstandard's own stream_reader ends cleanly on a cut-off file, which would
@@ -205,7 +204,7 @@ class _Collector:
       logger.warning('skipping %s', message)
 
 
-def _json_field(raw_line: bytes, field: str):
+def json_field(raw_line: bytes, field: str):
   """One JSONL line's `field`; ValueError says what is wrong with the line."""
   try:
     # Without the line end, a cut-off line is reported as such, not as a raw newline.
@@ -221,14 +220,26 @@ def _json_field(raw_line: bytes, field: str):
   return record[field]
 
 
-def _read_jsonl(path: str, raw, out: _Collector) -> None:
+# What reading a file can raise once it is open (a cut-off or corrupt stream).
+READ_ERRORS = (OSError, EOFError, zlib.error, zstandard.ZstdError)
+
+
+def open_binary(path: str):
+  """The file at a local path or URL, opened for binary reading."""
+  return fsspec.open(path, 'rb').open() if is_url(path) else open(path, 'rb')
+
+
+def line_stream(path: str, raw):
+  """(binary line stream, how a failure while reading it is described) of a JSONL file."""
   if path.endswith('.gz'):
-    lines, problem = gzip.GzipFile(fileobj=raw), 'truncated or corrupt compressed data'
-  elif path.endswith('.zst'):
-    lines = io.BufferedReader(_ZstdReader(raw), _CHUNK_BYTES)
-    problem = 'truncated or corrupt compressed data'
-  else:
-    lines, problem = raw, 'read error'
+    return gzip.GzipFile(fileobj=raw), 'truncated or corrupt compressed data'
+  if path.endswith('.zst'):
+    return io.BufferedReader(ZstdReader(raw), _CHUNK_BYTES), 'truncated or corrupt compressed data'
+  return raw, 'read error'
+
+
+def _read_jsonl(path: str, raw, out: _Collector) -> None:
+  lines, problem = line_stream(path, raw)
   line_number = 0
   try:
     # A line is only yielded once complete; a cut-off last line raises instead.
@@ -236,16 +247,20 @@ def _read_jsonl(path: str, raw, out: _Collector) -> None:
       if not raw_line.strip():
         continue
       try:
-        value = _json_field(raw_line, out.field)
+        value = json_field(raw_line, out.field)
       except ValueError as e:
         out.bad(f'{path}:{line_number}: {e}')
         continue
       out.add(value, f'{path}:{line_number}')
-  except (OSError, EOFError, zlib.error, zstandard.ZstdError) as e:
+  except READ_ERRORS as e:
     out.bad(f'{path}: {problem} after line {line_number} ({e})')
 
 
 def _read_parquet(path: str, raw, out: _Collector) -> None:
+  # Imported here: the streaming tokenizer workers import this module and read no parquet.
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
   try:
     parquet = pq.ParquetFile(raw)
   except (pa.ArrowException, OSError) as e:
@@ -258,7 +273,7 @@ def _read_parquet(path: str, raw, out: _Collector) -> None:
   row = 0
   try:
     # Only the needed column, a batch at a time, to bound memory.
-    for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=[out.field]):
+    for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=[out.field]):
       for value in batch.column(0).to_pylist():
         out.add(value, f'{path}: row {row}')
         row += 1
@@ -278,7 +293,7 @@ def read_values(
   out = _Collector(field, check or (lambda value: value), strict)
   for path in files:
     try:
-      raw = fsspec.open(path, 'rb').open() if is_url(path) else open(path, 'rb')
+      raw = open_binary(path)
     except OSError as e:
       out.bad(f'{path}: cannot open ({e})')
       continue
