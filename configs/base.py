@@ -28,12 +28,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.init_from = ''  # previous stage's workdir or step dir: its params start this stage ('' = fresh)
   c.init_from_optimizer = False  # with init_from: also carry over Adam's moments
   c.resume_schedule_change = False  # True: resume checkpoints under a changed LR schedule
+  c.compile_cache_dir = 'auto'  # persistent XLA cache: auto (<workdir>/compile_cache) | off | DIR
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 500  # steps between async saves, and one at the end of the run (0: off)
   c.checkpoint.keep = 3  # newest checkpoints kept
   c.checkpoint.keep_every = 0  # also keep every step divisible by this forever (0: none)
   c.checkpoint.every_minutes = 0.0  # also save when this many minutes passed (0: off)
+  # False: resume without the data position (e.g. on another process count), with a fresh data
+  # order from the restored step (a function of seed and step); True refuses such a restart.
+  c.checkpoint.restore_data = True
 
   c.stability = ml_collections.ConfigDict()
   c.stability.spike_window = 100  # good steps whose loss mean / std define "normal"
@@ -53,7 +57,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1  # data-parallel degree (-1: all devices left over)
   c.mesh.tensor = 1  # tensor-parallel degree (heads, MLP hidden, vocab)
   c.mesh.sequence = 1  # sequence / context-parallel degree
-  c.mesh.fsdp = False  # also shard parameters and optimizer state over `data` and `sequence`
+  # What the data axes (data, and sequence) shard: none | optimizer (ZeRO-1: gradients and
+  # Adam's state; parameters replicated) | full (ZeRO-3: parameters too); docs/parallelism.md.
+  c.mesh.fsdp = 'none'
+  c.mesh.fsdp_group = 0  # shard over groups of this many data shards, replicated across (0: all)
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = 'k2v2_70b'  # debug | 1b | 7b | k2v2_70b (k2jax/model/config.py)
@@ -88,7 +95,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.strict = False  # stop at the first bad record instead of skipping and counting it
   c.data.packing = 'concat'  # concat (EOD-joined, attention across docs) | document | best_fit
   c.data.pack_buffer = 0  # best_fit: documents per packing window (0: enough for ~32 rows)
-  c.data.worker_count = 0  # Grain worker processes (0: in-process)
+  c.data.worker_count = 0  # Grain workers, or with data.stream tokenizing ones (0: in-process)
+  # Stream the raw training sources (JSONL / parquet) instead of reading them into memory:
+  # memory bounded by buffers, for corpora larger than a host (TxT360). Off by default: the
+  # in-memory reader's global shuffle and exact epochs suit the SFT sets and the demo, and
+  # every existing config and data position keeps its meaning (docs/data.md, section 8).
+  c.data.stream = False
+  c.data.shuffle_buffer = 8192  # stream: records per source shuffled together (a window)
+  c.data.stream_open_files = 4  # stream: files per source read interleaved at once
 
   c.optim = ml_collections.ConfigDict()
   c.optim.peak_lr = 1.5e-4  # learning rate after warmup
@@ -133,7 +147,8 @@ def make_debug(c: ml_collections.ConfigDict, seq_len: int = 128, global_batch_si
   c.checkpoint.every = 50
   c.mesh.data = -1
   c.mesh.tensor = 1
-  c.mesh.fsdp = False
+  c.mesh.fsdp = 'none'
+  c.mesh.fsdp_group = 0
   c.model.preset = 'debug'
   c.model.remat = 'none'
   c.model.dtype = 'float32'  # bf16 matmuls are emulated, hence slow, on CPU

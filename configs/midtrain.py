@@ -27,6 +27,9 @@ STAGES = {
   'stage3': (131_072, 1e7, 100, 17_500, 2, 1600),
   'stage4': (524_288, 1e7, 25, 10_000, 8, 1600),
 }
+# mesh.fsdp_group per stage: the most data shards (up to 8 nodes) that divide both the stage's
+# data axis (400, 200, 100, 25) and, times its sequence degree, the 8192-wide `embed`.
+FSDP_GROUP = {'stage1': 8, 'stage2': 8, 'stage3': 4, 'stage4': 1}
 DEBUG_SEQ_LEN = {'stage1': 128, 'stage2': 512, 'stage3': 1024, 'stage4': 2048}
 # Divisible by the data axis that 8 simulated devices leave after the sequence degree.
 DEBUG_BATCH = {'stage1': 16, 'stage2': 8, 'stage3': 4, 'stage4': 1}
@@ -48,7 +51,11 @@ def get_config(arg=None):
   c.mesh.data = -1  # GPUs / (tensor x sequence): 400, 200, 100, 25
   c.mesh.tensor = 8
   c.mesh.sequence = context_parallel
-  c.mesh.fsdp = True
+  # ZeRO-1 as K2-V2's Megatron distributed optimizer (configs/pretrain.py), sharded over
+  # data × sequence in groups; fp32 weights stay whole on each tensor shard (36 GB). Stages 3
+  # and 4 still fit an H200 with them: 89 and 90 GiB per device (docs/parallelism.md).
+  c.mesh.fsdp = 'optimizer'
+  c.mesh.fsdp_group = FSDP_GROUP[stage]
   c.model.rope_base = rope_base  # 1e6 degraded at 128K in the paper; 1e7 recovered it
   c.data.seq_len = seq_len
   c.data.global_batch_size = batch  # ~13.1M tokens per step in every stage

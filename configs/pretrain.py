@@ -21,7 +21,13 @@ def get_config(arg=None):
   c.mesh.data = -1  # 400 nodes x 8 GPUs / tensor 8 = 400
   c.mesh.tensor = 8  # Megatron TP 8 with sequence parallelism
   c.mesh.sequence = 1  # no context parallelism in pre-training
-  c.mesh.fsdp = True  # Megatron sharded the optimizer state over data; FSDP does that and more
+  # K2-V2's Megatron distributed optimizer is ZeRO-1: Adam's state sharded over data, weights
+  # replicated (36 GB of fp32 weights per GPU at tensor 8: fits an H200, and no per-layer weight
+  # gathers across nodes as `full` would add). In groups of 8 data shards (8 nodes): the
+  # 8192-wide `embed` cannot split 400 ways; Adam's state is then 9 GB per GPU
+  # (docs/parallelism.md).
+  c.mesh.fsdp = 'optimizer'
+  c.mesh.fsdp_group = 8
   c.model.rope_base = 5e5  # [?] not in the scripts we read; stage 1 of mid-training uses 5e5
   c.model.remat = 'full'  # full activation recompute, every layer
   c.data.seq_len = 8192

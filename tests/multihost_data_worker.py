@@ -15,15 +15,13 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
+from tests.helpers import join_local_cluster  # noqa: E402
+
 
 def main(port: str, process_id: str, num_processes: str, out_dir: str):
-  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(
-    coordinator_address=f'127.0.0.1:{port}',
-    num_processes=int(num_processes),
-    process_id=int(process_id),
-  )
+  join_local_cluster(port, process_id, num_processes)
   from data_pipeline import pipeline
+  from k2jax.parallel import input as batch_input
   from k2jax.parallel import sharding
 
   demo = os.path.join(
@@ -40,16 +38,13 @@ def main(port: str, process_id: str, num_processes: str, out_dir: str):
     )
   )
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, tensor=1, sequence=1)))
+  batch_sharding = sharding.batch_sharding(mesh, (8, 64))
+  shard = batch_input.shard_for(batch_sharding, 8, 64)  # data 8 over 2 processes: 2 shards
   batches = pipeline.build(
-    data_cfg,
-    seed=0,
-    split='train',
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
+    data_cfg, seed=0, split='train', process_index=shard.index, process_count=shard.count
   )
   local = next(batches)
-  batch_sharding = sharding.batch_sharding(mesh, (8, 64))
-  global_inputs = sharding.host_array(batch_sharding, local['inputs'])
+  global_inputs = batch_input.global_batch(batch_sharding, shard, local, ['inputs'])['inputs']
   gathered = multihost_utils.process_allgather(global_inputs, tiled=True)
   np.savez(
     os.path.join(out_dir, f'process{jax.process_index()}.npz'),

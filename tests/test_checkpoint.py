@@ -196,7 +196,28 @@ def test_resume_with_another_process_count_says_so(uninterrupted, tmp_path):
     prepare(small_config(), workdir)
   text = str(raised.value)
   assert 'step 10 was saved with 2 process(es), now 1' in text, text
+  assert 'checkpoint.restore_data=False' in text, text
   assert '\n' not in text and 'intact' in text and 'move' not in text, text
+  _untouched(workdir)
+
+
+def test_resume_where_the_mesh_moved_the_rows_says_so(uninterrupted, tmp_path):
+  """Same process count, but the data position was saved for another input shard (a mesh that
+  changed which rows each process loads): refused unless checkpoint.restore_data=False; a
+  position saved before input shards were recorded is taken as it is."""
+  workdir = _workdir_copy(uninterrupted, tmp_path)
+  path = os.path.join(checkpoint.directory(workdir), '10', 'data', 'process_0-of-1.json')
+  state = json.load(open(path))
+  assert state['input_shard'] == [0, 1] and state['data_order_since'] == 0
+  json.dump({**state, 'input_shard': [1, 2]}, open(path, 'w'))
+  with pytest.raises(ValueError) as raised:
+    prepare(small_config(), workdir)
+  text = str(raised.value)
+  assert 'loading input shard 1 of 2, now shard 0 of 1' in text and '\n' not in text, text
+  notes = prepare(small_config(**{'checkpoint.restore_data': False}), workdir)['notes']
+  assert any('restore_data=False' in note for note in notes), notes
+  json.dump({k: v for k, v in state.items() if k != 'input_shard'}, open(path, 'w'))
+  prepare(small_config(), workdir)
   _untouched(workdir)
 
 
@@ -290,6 +311,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint(uninterrupted, tmp_path)
 def test_restore_onto_another_mesh(uninterrupted, tmp_path, mesh, devices):
   """Saved on data 8; restored onto data 2 x tensor 4, or onto 4 devices: the same numbers."""
   from data_pipeline import pipeline
+  from k2jax.parallel import input as batch_input
   from k2jax.parallel import sharding
 
   workdir, reference = uninterrupted
@@ -309,12 +331,11 @@ def test_restore_onto_another_mesh(uninterrupted, tmp_path, mesh, devices):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), saved)
     step_fn = plan.jit_train_step()
     losses = []
+    shard = batch_input.shard_for(plan.batch_sharding, 8, 64)
     for _ in range(2):  # steps 9 and 10, on the new mesh
-      batch = {
-        k: sharding.host_array(plan.batch_sharding, v)
-        for k, v in next(batches).items()
-        if k in train_step.BATCH_KEYS
-      }
+      batch = batch_input.global_batch(
+        plan.batch_sharding, shard, next(batches), train_step.BATCH_KEYS
+      )
       state, metrics = step_fn(state, batch)
       losses.append(float(metrics['loss']))
   checkpoints.close()

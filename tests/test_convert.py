@@ -51,7 +51,7 @@ def tiny_stage():
     head_dim=16,
     rope_base=1e6,
   )
-  cfg.mesh.update(data=4, tensor=2, fsdp=True)
+  cfg.mesh.update(data=4, tensor=2, fsdp='full')
   cfg.data.seq_len = SEQ_LEN
   return cfg
 

@@ -438,7 +438,7 @@ def test_packed_batches_are_deterministic_and_restorable(mode):
     (dict(seq_len=0), 1, 'seq_len'),
     (dict(seq_len=8.5), 1, 'seq_len'),
     (dict(global_batch_size=-4), 1, 'global_batch_size'),
-    (dict(global_batch_size=6), 4, 'not divisible by process_count 4'),
+    (dict(global_batch_size=6), 4, 'not divisible by the input shard count 4'),
     (dict(packing='best_fit', pack_buffer=-1), 1, 'pack_buffer'),
   ],
 )

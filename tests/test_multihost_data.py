@@ -2,30 +2,19 @@
 and the global batch is one jax.Array over the 8 devices."""
 
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from tests.helpers import REPO, cli_env, free_port
+from tests.helpers import REPO, free_port, start_processes
 
 
 @pytest.mark.slow
 def test_two_processes_assemble_one_global_batch(tmp_path):
-  env = cli_env(XLA_FLAGS='--xla_force_host_platform_device_count=4')
   port = str(free_port())
   worker = os.path.join(REPO, 'tests', 'multihost_data_worker.py')
-  procs = [
-    subprocess.Popen(
-      [sys.executable, worker, port, str(i), '2', str(tmp_path)],
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-    )
-    for i in range(2)
-  ]
+  procs = start_processes(lambda i: [sys.executable, worker, port, str(i), '2', str(tmp_path)])
   for proc in procs:
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output[-3000:]

@@ -199,13 +199,14 @@ def to_hf(
 
 
 def parse_mesh(spec: str):
-  """'data:8,tensor:2' -> the `mesh` config section (missing axes 1, FSDP on)."""
+  """'data:8,tensor:2' -> the `mesh` config section (missing axes 1, parameters sharded as
+  `mesh.fsdp=full`, so each device reads and holds only its slice)."""
   import ml_collections
 
   from k2jax.parallel import sharding
 
   sizes = {**dict.fromkeys(sharding.AXES, 1), **run_config.parse_mesh(spec)}
-  return ml_collections.ConfigDict(dict(sizes, fsdp=True))
+  return ml_collections.ConfigDict(dict(sizes, fsdp='full'))
 
 
 def _sharded_array(shape, sharding, read):
@@ -294,7 +295,7 @@ def from_hf(
   model, run = _stage_run_config(model, max_positions, hf_dir, config, log)
   shapes, boxed = param_shapes(model)
   device_mesh = sharding.make_mesh(parse_mesh(mesh))
-  shardings = sharding.param_shardings(device_mesh, boxed, fsdp=True)
+  shardings = sharding.param_shardings(device_mesh, boxed, fsdp='full')
   with contextlib.ExitStack() as stack:
     reader = HFReader(hf_dir, weights, stack)
     reader.check(shapes, hf_entries(model, shapes))

@@ -38,6 +38,7 @@ def evaluate(loaded, data_cfg, batches: int) -> dict:
 
   from data_pipeline import pipeline
   from k2jax.model.transformer import Transformer
+  from k2jax.parallel import input as batch_input
   from k2jax.parallel import sharding
   from k2jax.training import train_step
 
@@ -53,8 +54,11 @@ def evaluate(loaded, data_cfg, batches: int) -> dict:
       f'tokenizer {data_cfg.tokenizer} has {tokenizer.vocab_size} tokens, more '
       f'than model.vocab_size={loaded.model_cfg.vocab_size}'
     )
-  process = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  stream = pipeline.build(data_cfg, seed=0, split='eval', **process)
+  # Processes that hold the same rows of the batch load the same rows (parallel/input.py).
+  shard = batch_input.shard_for(batch_sharding, *shape)
+  stream = pipeline.build(
+    data_cfg, seed=0, split='eval', process_index=shard.index, process_count=shard.count
+  )
   params_sharding = jax.tree.map(lambda p: p.sharding, loaded.params)
   eval_fn = jax.jit(
     train_step.make_eval_step(Transformer(loaded.model_cfg)),
@@ -64,9 +68,7 @@ def evaluate(loaded, data_cfg, batches: int) -> dict:
   loss_sum = tokens = 0.0
   with sharding.activate(mesh, fsdp):
     for _, local in zip(range(batches), stream):
-      batch = {
-        key: sharding.host_array(batch_sharding, local[key]) for key in train_step.BATCH_KEYS
-      }
+      batch = batch_input.global_batch(batch_sharding, shard, local, train_step.BATCH_KEYS)
       out = jax.device_get(eval_fn(loaded.params, batch))
       loss_sum += float(out['loss_sum'])  # summed on the host in float64
       tokens += float(out['loss_tokens'])

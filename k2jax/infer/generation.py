@@ -32,7 +32,7 @@ def sample_logits(logits_BxV, key, temperature, top_p):
 
 
 @functools.lru_cache(maxsize=16)
-def _decode_fn(model_cfg, max_new_tokens: int, mesh, fsdp: bool):
+def _decode_fn(model_cfg, max_new_tokens: int, mesh, fsdp: bool | str):
   """The jitted prefill + decode loop for one model, output length and mesh.
 
   Temperature, top-p, stop and pad ids are traced, so every setting shares one compilation
@@ -118,7 +118,7 @@ def generate(
   padding: str = 'left',
   pad_multiple: int = 8,
   mesh=None,
-  fsdp: bool = False,
+  fsdp: bool | str = False,
 ) -> list[list[int]]:
   """Continues each prompt (a list of token ids); returns the new ids of each.
 
@@ -153,7 +153,7 @@ def generate(
         f'(model.vocab_size={model_cfg.vocab_size})'
       )
 
-  rows = round_up(len(prompts), mesh.shape['data'] if mesh is not None else 1)
+  rows = round_up(len(prompts), sharding.batch_shards(mesh) if mesh is not None else 1)
   length = round_up(max(len(p) for p in prompts), pad_multiple)
   tokens = np.full((rows, length), pad_id, np.int32)
   segments = np.zeros((rows, length), np.int32)
@@ -187,7 +187,9 @@ def generate(
     with sharding.activate(mesh, fsdp):
       rows_sharding = jax.sharding.NamedSharding(
         mesh,
-        sharding.partition_spec(('activation_batch',), sharding.logical_rules(fsdp), 'prompts'),
+        sharding.partition_spec(
+          ('activation_batch',), sharding.logical_rules(fsdp, mesh), 'prompts'
+        ),
       )
       batch_sharding = sharding.batch_sharding(mesh, (rows, length), fsdp)
       args = (

@@ -29,7 +29,7 @@ from k2jax.infer import generation, load
 
 
 @functools.lru_cache(maxsize=8)
-def _score_fn(model_cfg, mesh, fsdp: bool):
+def _score_fn(model_cfg, mesh, fsdp: bool | str):
   """jit: (params, inputs, targets, segment ids) [B, L] -> (log p(target), target is argmax)."""
   import jax
   import jax.numpy as jnp
@@ -53,7 +53,14 @@ def _bucket(n: int, cap: int) -> int:
 
 
 def score_pairs(
-  params, model_cfg, pairs, *, max_length: int, batch_size: int = 8, mesh=None, fsdp: bool = False
+  params,
+  model_cfg,
+  pairs,
+  *,
+  max_length: int,
+  batch_size: int = 8,
+  mesh=None,
+  fsdp: bool | str = False,
 ) -> list[tuple[float, bool]]:
   """(sum of log p(continuation tokens), all of them greedy) for each (context, continuation)
   pair of token-id lists; the input is cut on the left to `max_length` tokens."""
@@ -76,7 +83,7 @@ def score_pairs(
   # Longest first, so a batch's rows are close in length (lm-eval orders its requests so too).
   order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
   if mesh is not None:
-    batch_size = generation.round_up(batch_size, mesh.shape['data'])
+    batch_size = generation.round_up(batch_size, sharding.batch_shards(mesh))
   fn = _score_fn(model_cfg, mesh, fsdp)
   results = [None] * len(rows)
   for start in range(0, len(order), batch_size):
@@ -132,7 +139,7 @@ def loglikelihood(
   max_length: int,
   batch_size: int = 8,
   mesh=None,
-  fsdp: bool = False,
+  fsdp: bool | str = False,
 ):
   """[(context, continuation)] -> [(log-likelihood of the continuation, is greedy)]."""
   pairs = [encode_pair(tokenizer, context, continuation) for context, continuation in requests]
@@ -168,7 +175,7 @@ def loglikelihood_rolling(
   max_length: int,
   batch_size: int = 8,
   mesh=None,
-  fsdp: bool = False,
+  fsdp: bool | str = False,
 ) -> list[float]:
   """[text] -> [log p(text)] (perplexity tasks); long texts are scored window by window."""
   windows, owner = [], []
@@ -213,7 +220,7 @@ def generate_until(
   max_gen_toks: int = 256,
   batch_size: int = 8,
   mesh=None,
-  fsdp: bool = False,
+  fsdp: bool | str = False,
 ) -> list[str]:
   """[(context, gen_kwargs)] -> [completion]: greedy unless gen_kwargs ask to sample.
 

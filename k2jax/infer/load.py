@@ -51,7 +51,7 @@ class Loaded:
   run_cfg: object  # ml_collections.ConfigDict of the run that saved it
   step_dir: str
   mesh: object
-  fsdp: bool = False
+  fsdp: bool | str = False
 
 
 def load(
@@ -60,7 +60,7 @@ def load(
   mesh_spec: str = 'data:1,tensor:1',
   dtype: str | None = None,
   param_dtype: str | None = None,
-  fsdp: bool = False,
+  fsdp: bool | str = False,
 ) -> Loaded:
   """Restores a checkpoint's parameters straight onto `mesh_spec`'s shardings.
 

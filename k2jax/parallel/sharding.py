@@ -1,10 +1,17 @@
-"""The only module that knows the device mesh.
+"""The only module (with parallel/mesh.py, which places devices) that knows the device mesh.
 
 Mesh axes: `data` (batch; with FSDP also parameters and optimizer state), `tensor` (heads,
-MLP hidden, vocab) and `sequence` (activation length). Model code names logical axes; the
-rules below map each name to a mesh axis (or None: replicated). A parameter axis with no rule
-is an error rather than a silent replication, and every sharded dimension must be divisible
-by its mesh axis: both are checked before anything is compiled.
+MLP hidden, vocab) and `sequence` (activation length); on a hybrid-FSDP mesh `replica` splits
+the batch with `data` (parallel/mesh.py). Model code names logical axes; the rules below map
+each name to mesh axes (or None: replicated). A parameter axis with no rule is an error rather
+than a silent replication, and every sharded dimension must be divisible by its mesh axes:
+both are checked before anything is compiled.
+
+`mesh.fsdp` decides what the data axes (data, and sequence, whose ranks hold other tokens of
+the same rows) shard: `none` nothing; `optimizer` (ZeRO-1, K2-V2's Megatron distributed
+optimizer) the gradients, Adam's moments and the update, while parameters stay replicated;
+`full` (ZeRO-3) the parameters too. `param_shardings` and `update_shardings` give the two
+layouts; the train step moves between them (training/train_step.py).
 """
 
 import contextlib
@@ -13,66 +20,37 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-AXES = ('data', 'tensor', 'sequence')
+from k2jax.parallel import mesh as device_mesh
+
+# The mesh module builds meshes; callers keep reaching it through this module.
+AXES = device_mesh.AXES
+FSDP_MODES = device_mesh.FSDP_MODES
+fsdp_mode = device_mesh.fsdp_mode
+make_mesh = device_mesh.make_mesh
+mesh_shape = device_mesh.mesh_shape
 
 
-def mesh_shape(mesh_cfg, num_devices: int, platform: str | None = None) -> tuple[int, ...]:
-  """Resolves `mesh.data/tensor/sequence` (one of them may be -1: fills) to axis sizes.
+def logical_rules(fsdp=False, mesh: Mesh | None = None, *, optimizer: bool = False) -> dict:
+  """Logical axis name -> mesh axis (None = replicated).
 
-  A mesh that does not fit `num_devices` raises a ValueError naming the axes and their sizes;
-  on `platform` 'cpu' it also says how to simulate the devices the mesh needs.
+  `fsdp` is a `mesh.fsdp` mode (or the old boolean). The rules place parameters; with
+  `optimizer=True` they place what the optimizer holds per parameter instead (gradients,
+  Adam's moments, the update), which 'optimizer' (ZeRO-1) shards and 'none' does not.
+  On a hybrid mesh (a `replica` axis) the batch is split over replica × data and the
+  sharded state over the `data` group only.
   """
-  sizes = [int(mesh_cfg[axis]) for axis in AXES]
-  fill = [axis for axis, size in zip(AXES, sizes) if size == -1]
-  if len(fill) > 1:
-    raise ValueError(f'only one mesh axis may be -1 (fill), got {", ".join(fill)}')
-  for axis, size in zip(AXES, sizes):
-    if size == 0 or size < -1:
-      raise ValueError(f'mesh.{axis}={size}: axis sizes are positive (or -1 to fill)')
-  fixed = math.prod(size for size in sizes if size != -1)
-  given = ' × '.join(f'{axis} {size}' for axis, size in zip(AXES, sizes) if size != -1)
-  if fill:
-    if num_devices % fixed:
-      wanted = -(-num_devices // fixed) * fixed  # the next device count the mesh can fill
-      raise ValueError(
-        f'mesh.{fill[0]}=-1 cannot fill {num_devices} devices: {given} = {fixed} does not '
-        f'divide {num_devices}; change mesh.{"/".join(a for a in AXES if a != fill[0])}'
-        + _cpu_hint(platform, f'a multiple of {fixed} devices, e.g.', wanted)
-      )
-    sizes[AXES.index(fill[0])] = num_devices // fixed
-  if math.prod(sizes) != num_devices:
-    raise ValueError(
-      f'mesh {given} needs {math.prod(sizes)} devices, but {num_devices} are available; '
-      f'make mesh.data × mesh.tensor × mesh.sequence = {num_devices} (one of them may be -1 '
-      'to fill)' + _cpu_hint(platform, f'{math.prod(sizes)} devices:', math.prod(sizes))
-    )
-  return tuple(sizes)
-
-
-def _cpu_hint(platform: str | None, what: str, devices: int) -> str:
-  if platform != 'cpu':
-    return ''
-  return f', or on CPU simulate {what} XLA_FLAGS=--xla_force_host_platform_device_count={devices}'
-
-
-def make_mesh(mesh_cfg, devices=None) -> Mesh:
-  devices = list(devices if devices is not None else jax.devices())
-  shape = mesh_shape(mesh_cfg, len(devices), platform=devices[0].platform if devices else None)
-  # Auto axes: the XLA partitioner propagates shardings from our annotations.
-  return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
-
-
-def logical_rules(fsdp: bool) -> dict[str, Any]:
-  """Logical axis name -> mesh axis (None = replicated)."""
+  mode = fsdp_mode(fsdp)
+  shard_state = mode == 'full' or (optimizer and mode == 'optimizer')
+  hybrid = mesh is not None and device_mesh.REPLICA in mesh.axis_names
   return {
     # Parameters.
     'layers': None,
-    # FSDP / ZeRO-3: weights sharded over the data axis, and over the context-parallel ranks,
-    # which hold different tokens of the same rows and so act as data parallelism for them.
-    'embed': ('data', 'sequence') if fsdp else None,
+    # FSDP: weights (or only the optimizer's state) sharded over the data axis, and over the
+    # context-parallel ranks, which hold different tokens of the same rows and so act as data
+    # parallelism for them.
+    'embed': ('data', 'sequence') if shard_state else None,
     'vocab': 'tensor',
     'heads': 'tensor',
     'kv_heads': 'tensor',
@@ -80,7 +58,7 @@ def logical_rules(fsdp: bool) -> dict[str, Any]:
     'head_dim': None,
     'norm': None,
     # Activations.
-    'activation_batch': 'data',
+    'activation_batch': (device_mesh.REPLICA, 'data') if hybrid else 'data',
     'activation_length': 'sequence',
     # Megatron's sequence parallelism: between attention and MLP the residual stream is
     # also split along its length over `tensor`, instead of being copied on every tensor
@@ -115,7 +93,9 @@ def split_count(mesh, rules: dict[str, Any], logical_axis) -> int:
   return math.prod(mesh.shape[axis] for axis in mesh_axes(rules, logical_axis))
 
 
-def check_divisible(shape, logical_axes, mesh: Mesh, rules: dict[str, Any], what: str):
+def check_divisible(
+  shape, logical_axes, mesh: Mesh, rules: dict[str, Any], what: str, hint: str = ''
+):
   """Raises a ValueError naming the dimension and mesh axis that do not divide."""
   for dim, (size, name) in enumerate(zip(shape, logical_axes)):
     axes = mesh_axes(rules, name)
@@ -127,7 +107,7 @@ def check_divisible(shape, logical_axes, mesh: Mesh, rules: dict[str, Any], what
       raise ValueError(
         f'{what}: dimension {dim} ({name}={size}) is not divisible by {label} '
         f'of size {axis_size}; change the model shape or '
-        f'{" / ".join("mesh." + axis for axis in axes)}'
+        f'{" / ".join("mesh." + axis for axis in axes if axis in AXES)}{hint}'
       )
 
 
@@ -136,15 +116,21 @@ def path_name(path) -> str:
   return '/'.join(str(getattr(key, 'key', getattr(key, 'name', key))) for key in path)
 
 
-def param_shardings(mesh: Mesh, boxed_params, fsdp: bool):
-  """NamedShardings for a tree of nn.Partitioned (abstract) parameters, checked for divisibility."""
-  rules = logical_rules(fsdp)
+def param_shardings(mesh: Mesh, boxed_params, fsdp=False, *, optimizer: bool = False):
+  """NamedShardings for a tree of nn.Partitioned (abstract) parameters, checked for divisibility.
+
+  With `optimizer=True`, the layout of what the optimizer keeps per parameter instead
+  (`update_shardings`)."""
+  rules = logical_rules(fsdp, mesh, optimizer=optimizer)
+  role = 'optimizer state of parameter' if optimizer else 'parameter'
+  # A sharded dimension the whole data axis cannot split may still split over a group of it.
+  hint = ', or shard over a group with mesh.fsdp_group' if fsdp_mode(fsdp) != 'none' else ''
 
   def sharding_for(path, leaf):
-    what = f'parameter {path_name(path)}'
+    what = f'{role} {path_name(path)}'
     if not isinstance(leaf, nn.Partitioned):
       raise ValueError(f'{what} has no logical axis names')
-    check_divisible(leaf.value.shape, leaf.names, mesh, rules, what)
+    check_divisible(leaf.value.shape, leaf.names, mesh, rules, what, hint)
     return NamedSharding(mesh, partition_spec(leaf.names, rules, what))
 
   return jax.tree_util.tree_map_with_path(
@@ -152,19 +138,25 @@ def param_shardings(mesh: Mesh, boxed_params, fsdp: bool):
   )
 
 
+def update_shardings(mesh: Mesh, boxed_params, fsdp=False):
+  """Where each parameter's gradient, Adam moments and update lie: sharded over the data axes
+  under 'optimizer' and 'full', as the parameters under 'none'."""
+  return param_shardings(mesh, boxed_params, fsdp, optimizer=True)
+
+
 BATCH_AXES = ('activation_batch', 'activation_length')
 
 
-def batch_sharding(mesh: Mesh, batch_shape, fsdp: bool = False) -> NamedSharding:
+def batch_sharding(mesh: Mesh, batch_shape, fsdp=False) -> NamedSharding:
   """How a [batch, length] input array lies on the mesh; checks divisibility."""
-  rules = logical_rules(fsdp)
+  rules = logical_rules(fsdp, mesh)
   check_divisible(batch_shape, BATCH_AXES, mesh, rules, 'batch [global_batch_size, seq_len]')
   return NamedSharding(mesh, partition_spec(BATCH_AXES, rules, 'batch'))
 
 
-def check_activations(mesh: Mesh, model_cfg, seq_len: int, fsdp: bool = False):
+def check_activations(mesh: Mesh, model_cfg, seq_len: int, fsdp=False):
   """Checks the dims that activations shard (residual length, heads, kv heads, mlp, vocab)."""
-  rules = logical_rules(fsdp)
+  rules = logical_rules(fsdp, mesh)
   for name, size in (
     ('activation_residual_length', seq_len),
     ('activation_heads', model_cfg.num_heads),
@@ -180,14 +172,25 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 @contextlib.contextmanager
-def activate(mesh: Mesh, fsdp: bool):
+def activate(mesh: Mesh, fsdp):
   """Makes the mesh and logical rules current, so model activation constraints take effect."""
-  with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(logical_rules(fsdp).items())):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(logical_rules(fsdp, mesh).items())):
     yield
 
 
-def describe(mesh: Mesh) -> str:
-  return ' × '.join(f'{axis} {size}' for axis, size in mesh.shape.items())
+def describe(mesh: Mesh, mesh_cfg=None) -> str:
+  """'data 8 × tensor 1 × sequence 1'; given the run's `mesh` config, also its FSDP mode and
+  which axes cross hosts (the start-up log line)."""
+  text = ' × '.join(f'{axis} {size}' for axis, size in mesh.shape.items())
+  if mesh_cfg is None:
+    return text
+  mode = fsdp_mode(mesh_cfg.get('fsdp', False))
+  if mode != 'none':
+    text += f' (fsdp {mode}'
+    if device_mesh.REPLICA in mesh.axis_names:
+      text += f', sharded in groups of {mesh.shape["data"]} data shards'
+    text += ')'
+  return f'{text}; placement: {device_mesh.describe_placement(mesh)}'
 
 
 def devices_summary() -> str:
@@ -197,11 +200,6 @@ def devices_summary() -> str:
     f'{len(devices)} {"/".join(kinds)} device(s) over {jax.process_count()} process(es), '
     f'this is process {jax.process_index()}'
   )
-
-
-def host_array(sharding: NamedSharding, local: np.ndarray) -> jax.Array:
-  """Assembles each process's slice of the batch into one global jax.Array."""
-  return jax.make_array_from_process_local_data(sharding, local)
 
 
 # Where the residual stream and the attention / MLP activations split their length.
@@ -223,9 +221,23 @@ def splits_length() -> bool:
 
 def length_shards(mesh: Mesh) -> int:
   """Into how many pieces the attention's length is split (the context-parallel degree)."""
-  return split_count(mesh, logical_rules(False), 'activation_length')
+  return split_count(mesh, logical_rules(False, mesh), 'activation_length')
 
 
-def local_size(mesh: Mesh, size: int, logical_axis: str, fsdp: bool = False) -> int:
+def local_size(mesh: Mesh, size: int, logical_axis: str, fsdp=False) -> int:
   """How much of a dimension of `size` named `logical_axis` one device holds."""
-  return max(1, size // split_count(mesh, logical_rules(fsdp), logical_axis))
+  return max(1, size // split_count(mesh, logical_rules(fsdp, mesh), logical_axis))
+
+
+def batch_shards(mesh: Mesh) -> int:
+  """Into how many pieces the batch is split (the data-parallel degree, hybrid or not)."""
+  return split_count(mesh, logical_rules(False, mesh), 'activation_batch')
+
+
+def current_split(logical_axis: str) -> int:
+  """Into how many pieces the current mesh and rules (see `activate`) split a dimension named
+  `logical_axis`; 1 outside a mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  return split_count(mesh, dict(nn.get_logical_axis_rules()), logical_axis)

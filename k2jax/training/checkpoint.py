@@ -4,7 +4,8 @@ Layout: `<workdir>/checkpoints/<step>/` holds one item per directory:
 
   params/      the parameters (OCDBT arrays; what `init_from` and conversion read)
   opt_state/   the optimizer state (Adam moments, counters)
-  data/        the Grain iterator's get_state(), one JSON file per process
+  data/        the data position, one JSON file per process: the Grain iterator's get_state(),
+               this process's input shard and the step its data order started at
   config/      the resolved run config (JSON)
   meta/        step, total_steps, process count, time (JSON)
 
@@ -14,6 +15,12 @@ Orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it when every
 written, so a save killed half-way leaves only a temp directory, which the step listing
 ignores and the next manager removes. Arrays are always restored onto the plan's shardings
 from abstract arrays: nothing is materialized unsharded.
+
+Parameters and optimizer state restore onto any mesh and any number of processes. The data
+position is per process (its place in its input shard, k2jax/parallel/input.py), so it
+restores only where the same processes load the same input shards; otherwise the run is
+refused (`data_layout_change`), unless `checkpoint.restore_data=False`, which restores the
+arrays and starts a fresh, deterministic data order at the restored step.
 """
 
 import datetime
@@ -100,7 +107,7 @@ def _coordination_client():
   return multihost.get_jax_distributed_client()
 
 
-def _all_hosts_agree(ok: bool) -> bool:
+def all_hosts_agree(ok: bool) -> bool:
   """True when `ok` holds on every process."""
   if jax.process_count() == 1:
     return ok
@@ -161,6 +168,8 @@ class Checkpoints:
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     self._config = run_config.saved_form(cfg)
     self._total_steps = cfg.total_steps
+    self.restore_data = ckpt.get('restore_data', True)
+    self.data_restored = False  # whether the last restore set the data position
 
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -187,22 +196,40 @@ class Checkpoints:
     return self._manager.save(step, args=args, force=True)
 
   def restore(self, step: int, plan, batches) -> TrainState:
-    """The state saved at `step`, on `plan`'s shardings; sets `batches` to its position."""
+    """The state saved at `step`, on `plan`'s shardings. Sets `batches` to its position, or,
+    with `checkpoint.restore_data=False`, starts their fresh order at `step`
+    (`batches.restart_order`). A position saved under another data layout raises
+    DataLayoutError (the same on every host)."""
+    data = self._restores_data(step, batches)
     target = plan.abstract_state
     shardings = plan.state_sharding
-    restored = self._manager.restore(
-      step,
-      args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(_with_shardings(target.params, shardings.params)),
-        opt_state=ocp.args.StandardRestore(_with_shardings(target.opt_state, shardings.opt_state)),
-        data=grain.checkpoint.CheckpointRestore(batches),
-        meta=ocp.args.JsonRestore(),
-      ),
+    items = dict(
+      params=ocp.args.StandardRestore(_with_shardings(target.params, shardings.params)),
+      opt_state=ocp.args.StandardRestore(_with_shardings(target.opt_state, shardings.opt_state)),
+      meta=ocp.args.JsonRestore(),
     )
+    if data:
+      items['data'] = grain.checkpoint.CheckpointRestore(batches)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     if restored.meta['step'] != step:
       raise ValueError(f'meta says step {restored.meta["step"]}, directory says {step}')
+    if not data:
+      batches.restart_order(step)
+    self.data_restored = data
     step_array = jax.device_put(jnp.asarray(step, jnp.int32), shardings.step)
     return TrainState(step=step_array, params=restored.params, opt_state=restored.opt_state)
+
+  def _restores_data(self, step: int, batches) -> bool:
+    """Whether `step`'s data position is restored (agreed by every host)."""
+    if not self.restore_data:
+      return False
+    change = data_layout_change(self.directory, [step], getattr(batches, 'shard', None))
+    if not all_hosts_agree(change is None):
+      raise DataLayoutError(
+        f'{self.directory}: {change or f"step {step} has another data layout on another host"}'
+        f'{restore_data_hint(step)}'
+      )
+    return True
 
   def restore_latest(self, plan, batches, warn) -> TrainState | None:
     """The newest checkpoint that restores, falling back to older ones; None if there is none.
@@ -214,13 +241,15 @@ class Checkpoints:
       # Files that only this host reads are checked before the collective restore, so a
       # host cannot fail alone inside it while the others wait for it.
       error = self._missing_files(step)
-      if _all_hosts_agree(error is None):
+      if all_hosts_agree(error is None):
         try:
           state = self.restore(step, plan, batches)
+        except DataLayoutError:
+          raise  # an intact step of another layout: not damage
         except Exception as e:  # a damaged step: whatever Orbax or Grain raised
           error = e
       # Every host must resume from the same step: one that failed anywhere failed everywhere.
-      if not _all_hosts_agree(error is None):
+      if not all_hosts_agree(error is None):
         fallback = (
           f'falling back to step {steps[i + 1]}'
           if i + 1 < len(steps)
@@ -245,12 +274,10 @@ class Checkpoints:
   def _missing_files(self, step: int) -> Exception | None:
     """A FileNotFoundError / ValueError if this host's part of `step` is missing or unreadable."""
     step_dir = os.path.join(self.directory, str(step))
-    data = os.path.join(
-      step_dir, 'data', f'process_{jax.process_index()}-of-{jax.process_count()}.json'
-    )
     try:
-      with open(data) as f:
-        json.load(f)
+      if self.restore_data:
+        with open(_data_file(step_dir)) as f:
+          json.load(f)
       for item in ('params', 'opt_state', 'meta'):
         if not os.path.isdir(os.path.join(step_dir, item)):
           raise FileNotFoundError(f'{step_dir}/{item} is missing')
@@ -297,6 +324,55 @@ def read_run_config(step_dir: str) -> dict:
 
 
 _DATA_FILE = re.compile(r'process_(\d+)-of-(\d+)\.json$')
+
+
+class DataLayoutError(ValueError):
+  """A step's data position was saved under another process count or input sharding."""
+
+
+_RESTORE_DATA_HINT = (
+  ': its data position (where each process is in the rows it loads) cannot be restored on '
+  'this layout. Restart with the saved layout to resume exactly, or set '
+  '--config.checkpoint.restore_data=False to continue from step {step} with a fresh data '
+  'order (parameters and optimizer state restore onto any mesh). The checkpoints are intact '
+  'and were left as they are'
+)
+
+
+def _data_file(step_dir: str) -> str:
+  """This process's data position in a step (Grain's handler names it so)."""
+  return os.path.join(
+    step_dir, 'data', f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+  )
+
+
+def data_layout_change(checkpoint_dir: str, steps: list[int], shard=None) -> str | None:
+  """Why the newest of `steps` with a data position cannot restore it on this process
+  ('step 10 was saved with 2 process(es), now 1'), or None when it can (or when its files
+  do not read: the restore reports a damaged step). `shard` is this process's InputShard
+  (k2jax/parallel/input.py); without one only the process count is compared."""
+  step, saved_count = saved_process_count(checkpoint_dir, steps)
+  if saved_count is None:
+    return None
+  if saved_count != jax.process_count():
+    return f'step {step} was saved with {saved_count} process(es), now {jax.process_count()}'
+  try:
+    with open(_data_file(os.path.join(checkpoint_dir, str(step)))) as f:
+      saved = json.load(f).get('input_shard')
+  except (OSError, ValueError, AttributeError):
+    return None
+  if shard is None or saved is None or list(saved) == [shard.index, shard.count]:
+    return None
+  return (
+    f'step {step} was saved by process {jax.process_index()} loading input shard '
+    f'{saved[0]} of {saved[1]}, now shard {shard.index} of {shard.count} (the mesh changed '
+    'which rows each process loads)'
+  )
+
+
+def restore_data_hint(step: int) -> str:
+  """The advice that ends a refused data layout change."""
+  return _RESTORE_DATA_HINT.format(step=step)
 
 
 def saved_process_count(checkpoint_dir: str, steps: list[int]) -> tuple[int, int | None]:

@@ -9,16 +9,101 @@ monitor writes them every `log_every` steps.
 A rollback (a spike that persisted, see stability.py) restores the newest checkpoint from
 before the spike, deletes the checkpoints saved since, and reads past the batches the run
 had consumed since that checkpoint, so the data that caused the spike is skipped.
+
+The batches come from `TrainBatches`: this process's input shard (k2jax/parallel/input.py) of
+the training data, in the run's order. A restart that cannot restore the data position (another
+process count, or `checkpoint.restore_data=False`) starts a fresh order at the restored step,
+a deterministic function of the seed and that step; the records say since when
+(`data_order_since`, 0 for the run's own order).
 """
 
 import time
 
+import grain
 import jax
+import numpy as np
 
 from data_pipeline import pipeline
+from k2jax.parallel import input as batch_input
 from k2jax.parallel import sharding
 from k2jax.training import preemption, train_step
 from k2jax.training.stability import Stability
+
+
+def order_seed(seed: int, since: int) -> int:
+  """The data seed of an order that starts at step `since`: the run's seed for its own order
+  (0), else a 32-bit hash of (seed, since), so a fresh order repeats on a repeated restart."""
+  if since == 0:
+    return seed
+  return int(np.random.SeedSequence([seed, since]).generate_state(1)[0])
+
+
+class TrainBatches(grain.DatasetIterator):
+  """This process's training batches, and the order they follow.
+
+  An iterator over pipeline.build's batches for input shard `shard`. Its state is the
+  pipeline's plus the input shard and `order_since`, the step the current order started at
+  (0: the run's own order from the first step), so a restore rebuilds the same order before
+  setting the position.
+  """
+
+  def __init__(self, cfg, shard: batch_input.InputShard, context_shards: int = 1):
+    super().__init__()  # no fixed parent: a fresh order replaces the pipeline
+    self._cfg = cfg
+    self.shard = shard
+    self._context_shards = context_shards
+    self.order_since = 0
+    self._batches = self._build(0)
+
+  def _build(self, since: int):
+    return pipeline.build(
+      self._cfg.data,
+      seed=order_seed(self._cfg.seed, since),
+      split='train',
+      process_index=self.shard.index,
+      process_count=self.shard.count,
+      context_shards=self._context_shards,
+    )
+
+  def restart_order(self, step: int) -> None:
+    """A fresh order from `step` on (the data position was not restored)."""
+    self.order_since = step
+    self._batches = self._build(step)
+
+  def __next__(self):
+    return next(self._batches)
+
+  def get_state(self) -> dict:
+    return {
+      **self._batches.get_state(),
+      'input_shard': [self.shard.index, self.shard.count],
+      'data_order_since': self.order_since,
+    }
+
+  def set_state(self, state: dict) -> None:
+    """Restores a position saved by `get_state`; rebuilds the order it belongs to first."""
+    state = dict(state)
+    state.pop('input_shard', None)
+    since = state.pop('data_order_since', 0)
+    if since != self.order_since:
+      self.order_since = since
+      self._batches = self._build(since)
+    self._batches.set_state(state)
+
+  @property
+  def names(self) -> list[str]:
+    return self._batches.names
+
+  @property
+  def requested_shares(self) -> list[float]:
+    return self._batches.requested_shares
+
+  @property
+  def stats(self):
+    return self._batches.stats
+
+  def realised_shares(self) -> dict[str, float]:
+    return self._batches.realised_shares()
 
 
 class TrainLoop:
@@ -44,10 +129,9 @@ class TrainLoop:
     self._tracing = False
 
   def _to_global(self, local_batch):
-    return {
-      key: sharding.host_array(self.plan.batch_sharding, local_batch[key])
-      for key in train_step.BATCH_KEYS
-    }
+    return batch_input.global_batch(
+      self.plan.batch_sharding, self.prepared['shard'], local_batch, train_step.BATCH_KEYS
+    )
 
   def _evaluate(self, params) -> float:
     # A fresh iterator each time: every eval sees the same held-out batches.
@@ -107,9 +191,11 @@ class TrainLoop:
           monitor.exclude(time.perf_counter() - eval_start)
     if stopping:
       saved = 'checkpoint saved' if self.checkpoints.every else 'not saved (checkpoint.every=0)'
-      monitor.info(
+      # Every process says it, in its own log: with several, they all stopped at this step.
+      print(
         f'stopped at step {step} of {cfg.total_steps}, {saved}; '
-        'start the same command again to continue'
+        'start the same command again to continue',
+        flush=True,
       )
     self._stop_profile()
     return self.records
@@ -210,9 +296,12 @@ def _profile_range(spec: str) -> tuple[int, int] | None:
 
 
 def _data_metrics(batches) -> dict:
-  """What the data pipeline has delivered so far: padding, and each source's share of the
-  loss tokens when the run reads a mixture (compare with the shares asked for)."""
+  """What the data pipeline has delivered so far: the step its order started at, padding, and
+  each source's share of the loss tokens when the run reads a mixture (compare with the shares
+  asked for)."""
   metrics = {}
+  if hasattr(batches, 'order_since'):
+    metrics['data_order_since'] = batches.order_since
   stats = getattr(batches, 'stats', None)
   if stats is not None:
     metrics['data_pad_fraction'] = stats.pad_fraction

@@ -6,6 +6,14 @@ over `loss_mask`, from the logits of `model.loss_chunk` positions of each row at
 (model.transformer.cross_entropy_sum); gradient accumulation splits the batch into
 micro-batches and sums gradients and token counts before dividing, so it equals the
 single-batch step.
+
+Two layouts per parameter (parallel/sharding.py): where the parameter lives, and where its
+gradient, Adam moments and update live. Under `mesh.fsdp=optimizer` (ZeRO-1) the second is
+sharded over the data axes and the first is not: the summed gradient is constrained to the
+update layout (a reduce-scatter rather than an all-reduce), each device updates only its
+slice of the parameters, and the new parameters are constrained back to their own layout
+(an all-gather). Under `none` and `full` the two layouts coincide. The arithmetic is the same
+in every mode; only where it runs differs.
 """
 
 import dataclasses
@@ -49,17 +57,20 @@ def weight_decay_mask(boxed_params):
   )
 
 
-def state_shardings(mesh, tx: optax.GradientTransformation, boxed_params, fsdp: bool):
-  """(abstract TrainState, TrainState of NamedShardings); checks every dim divides its axis."""
+def state_shardings(mesh, tx: optax.GradientTransformation, boxed_params, fsdp):
+  """(abstract TrainState, TrainState of NamedShardings); checks every dim divides its axis.
+
+  `fsdp` is a `mesh.fsdp` mode (or the old boolean)."""
   params_sharding = sharding.param_shardings(mesh, boxed_params, fsdp)
   params = nn.unbox(boxed_params)
   opt_state = jax.eval_shape(tx.init, params)
-  # Adam's moments mirror the parameters; counters are replicated.
+  # Adam's moments lie as the updates do (sharded over data from 'optimizer' on); counters
+  # are replicated.
   opt_sharding = optax.tree_map_params(
     tx,
     lambda _, s: s,
     opt_state,
-    params_sharding,
+    sharding.update_shardings(mesh, boxed_params, fsdp),
     transform_non_params=lambda _: sharding.replicated(mesh),
   )
   step = jax.ShapeDtypeStruct((), jnp.int32)
@@ -119,12 +130,21 @@ def _microbatches(batch, count: int):
   return jax.tree.map(split, batch)
 
 
-def loss_and_grads(model: Transformer, params, batch, accum_steps: int):
-  """Token-mean loss and its gradient, accumulated over `accum_steps` micro-batches."""
+def _constrain(tree, shardings):
+  return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
+
+
+def loss_and_grads(model: Transformer, params, batch, accum_steps: int, grad_sharding=None):
+  """Token-mean loss and its gradient, accumulated over `accum_steps` micro-batches.
+
+  The gradient sums lie as `grad_sharding` says (the update layout), else as the parameters
+  do (e.g. FSDP shards): never replicated where the state is sharded."""
   grad_fn = jax.value_and_grad(lambda p, b: loss_sums(model, p, b), has_aux=True)
-  # The gradient sums lie as the parameters do (e.g. FSDP shards), not replicated.
-  axes = param_axes(model)
-  like_params = lambda grads: nn.with_logical_constraint(grads, axes)  # noqa: E731
+  if grad_sharding is None:
+    axes = param_axes(model)
+    like_params = lambda grads: nn.with_logical_constraint(grads, axes)  # noqa: E731
+  else:
+    like_params = lambda grads: _constrain(grads, grad_sharding)  # noqa: E731
 
   def accumulate(carry, microbatch):
     grads_sum, loss_sum, tokens = carry
@@ -144,19 +164,34 @@ def loss_and_grads(model: Transformer, params, batch, accum_steps: int):
 
 
 def make_train_step(
-  model: Transformer, tx: optax.GradientTransformation, schedule: Callable, accum_steps: int
+  model: Transformer,
+  tx: optax.GradientTransformation,
+  schedule: Callable,
+  accum_steps: int,
+  param_sharding=None,
+  update_sharding=None,
 ):
+  """The update. `param_sharding` / `update_sharding` (trees of NamedShardings, the Plan's)
+  place the parameters and their gradients / updates; without them XLA follows the
+  parameters' logical axes."""
+
   def train_step(state: TrainState, batch):
-    loss, grads, tokens = loss_and_grads(model, state.params, batch, accum_steps)
+    loss, grads, tokens = loss_and_grads(model, state.params, batch, accum_steps, update_sharding)
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     # A non-finite loss or gradient skips the update: parameters and optimizer state
     # (moments, and the count that drives the learning rate) stay as they were. The step
     # still advances, so the batch is consumed and not retried.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+    # ZeRO-1: each device updates its own slice of the (replicated) parameters, a local slice,
+    # and only the new slice is gathered into the parameters' layout. A skipped update adds
+    # zeros there, so old and new parameters are never both whole (a select between them
+    # would be: 34 GB more per device for the 70B model).
+    old = _constrain(state.params, update_sharding)
+    updates, opt_state = tx.update(grads, state.opt_state, old)
+    updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
+    params = _constrain(optax.apply_updates(old, updates), param_sharding)
+    opt_state = keep(opt_state, state.opt_state)
     metrics = {
       'loss': loss,
       'grad_norm': grad_norm,  # before clipping
@@ -195,11 +230,19 @@ class Plan:
   state_sharding: TrainState
   batch_sharding: Any  # of one [batch, seq_len] input array
   accum_steps: int
+  update_sharding: Any = None  # per parameter: its gradient, moments and update (fsdp mode)
 
   def jit_train_step(self):
     """The jitted update: explicit shardings in and out, the old state's buffers donated."""
     return jax.jit(
-      make_train_step(self.model, self.tx, self.schedule, self.accum_steps),
+      make_train_step(
+        self.model,
+        self.tx,
+        self.schedule,
+        self.accum_steps,
+        param_sharding=self.state_sharding.params,
+        update_sharding=self.update_sharding,
+      ),
       in_shardings=(self.state_sharding, self.batch_sharding),
       out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
       donate_argnums=0,
@@ -250,6 +293,7 @@ def plan(cfg, devices=None) -> Plan:
   tx = optim.make_optimizer(cfg.optim, cfg.total_steps, weight_decay_mask(boxed))
   abstract_state, state_sharding = state_shardings(mesh, tx, boxed, fsdp)
   return Plan(
+    update_sharding=sharding.update_shardings(mesh, boxed, fsdp),
     model_cfg=model_cfg,
     attention=attention,
     model=model,
