@@ -10,9 +10,19 @@ To plan a mesh larger than the machine, `--devices=N` simulates N CPU devices (i
 XLA_FLAGS and JAX_PLATFORMS=cpu before JAX is imported, which is why JAX is imported late).
 Memory figures compiled for CPU follow CPU fusion choices: treat them as an estimate of the
 GPU's, not a measurement. The data axis splits the batch: with data 8 x tensor 8, a global
-batch of 8 is one sequence per data shard, shared by its 8 tensor devices.
+batch of 8 is one sequence per data shard, shared by its 8 tensor devices. The report also
+lists the bytes each device sends per step in each collective and the mesh axes it runs over,
+read from the compiled program (k2jax/parallel/collectives.py).
+
+The planner: for a K2-V2 stage config without --devices / --mesh (or with --gpus, --stages,
+--dry_run), the stage is planned on its own cluster (k2jax/planner.py): compiled on a reduced
+data axis with the same shapes per device, then a roofline of the step on H200s
+(k2jax/roofline.py): memory and whether it fits, step time, tokens/s per GPU, MFU.
+Assumptions and their sources: docs/performance.md.
 
 Examples:
+  python -m k2jax.estimate --config=configs/pretrain.py                 # K2-V2's 3,200 GPUs
+  python -m k2jax.estimate --config=configs/pretrain.py --stages [--dry_run]
   python -m k2jax.estimate --config=configs/pretrain.py --devices=64 \
       --mesh=data:8,tensor:8,sequence:1 --config.data.global_batch_size=8
   python -m k2jax.estimate --config=configs/pretrain.py:debug --devices=8 --output=json
@@ -27,7 +37,8 @@ import time
 from absl import flags
 from ml_collections import config_flags
 
-from k2jax import errors, run_config
+from k2jax import errors, planner, roofline, run_config
+from k2jax.parallel import collectives
 
 DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
 
@@ -65,7 +76,66 @@ def _define_flags(argv) -> flags.FlagValues:
     'text: a readable report; json: one JSON object on stdout.',
     flag_values=values,
   )
+  # The planner (k2jax/planner.py, k2jax/roofline.py; docs/performance.md).
+  flags.DEFINE_integer(
+    'gpus',
+    None,
+    "Plan the step on this many H200s (default: K2-V2's count for a stage config); the mesh "
+    'is compiled on a reduced data axis with the same shapes per device.',
+    lower_bound=1,
+    flag_values=values,
+  )
+  flags.DEFINE_bool('stages', False, 'One row per K2-V2 stage on its own mesh.', flag_values=values)
+  flags.DEFINE_bool(
+    'dry_run', False, 'Closed forms only, nothing compiled (seconds).', flag_values=values
+  )
+  hw = roofline.Hardware()
+  flags.DEFINE_float(
+    'sustained_tflops', hw.sustained_tflops, 'Sustained TFLOP/s per GPU.', flag_values=values
+  )
+  flags.DEFINE_float(
+    'peak_tflops', hw.peak_tflops, 'Peak (MFU) TFLOP/s per GPU.', flag_values=values
+  )
+  flags.DEFINE_float('nvlink_gbps', hw.nvlink_gbps, 'NVLink bus GB/s per GPU.', flag_values=values)
+  flags.DEFINE_float(
+    'ib_gbps', hw.ib_gbps, 'InfiniBand GB/s per GPU (one NIC).', flag_values=values
+  )
+  flags.DEFINE_enum(
+    'overlap',
+    'cross_node',
+    list(roofline.OVERLAP),
+    'Which collectives overlap compute: cross_node (InfiniBand ones), all, none.',
+    flag_values=values,
+  )
   return values
+
+
+def _plan_stages(values, cfg, spec: str):
+  """The planner's reports: one stage (--gpus or a K2-V2 stage config) or all (--stages)."""
+  hw = roofline.Hardware(
+    peak_tflops=values.peak_tflops,
+    sustained_tflops=values.sustained_tflops,
+    nvlink_gbps=values.nvlink_gbps,
+    ib_gbps=values.ib_gbps,
+  )
+  if values.stages and values.gpus:
+    raise ValueError('--gpus plans one stage; --stages plans each on its K2-V2 GPU count')
+  specs = list(planner.STAGE_SPECS) if values.stages else [(planner.stage_of(spec) or spec, None)]
+  if not values.dry_run:
+    simulate_devices(values.devices or planner.COMPILE_DEVICES)
+  results = []
+  for stage, stage_spec in specs:
+    stage_cfg = (
+      cfg if stage_spec is None else run_config.load(os.path.join(planner.REPO, stage_spec))
+    )
+    gpus = values.gpus or planner.K2V2_GPUS.get(stage)
+    if gpus is None:
+      raise ValueError(f'--gpus is needed: {spec} is not a K2-V2 stage config')
+    results.append((stage, planner.at_scale(
+      stage_cfg, gpus, hw=hw, overlap=values.overlap, dry_run=values.dry_run, plan_fn=plan,
+      devices=values.devices or planner.COMPILE_DEVICES,
+    )))  # fmt: skip
+  return hw, results
 
 
 def simulate_devices(count: int):
@@ -159,7 +229,7 @@ def _attention_line(attention: dict) -> str:
   return line
 
 
-def plan(cfg) -> dict:
+def plan(cfg, devices=None) -> dict:
   """Everything the report prints, as a JSON-ready dict. Raises PlanError, before compiling,
   for a config or mesh that cannot work."""
   import jax
@@ -174,7 +244,7 @@ def plan(cfg) -> dict:
     run_config.validate(cfg)
     stand_in = _flash_stand_in(cfg)
     dtype_stand_in = _dtype_stand_in(cfg)
-    run = train_step.plan(cfg)
+    run = train_step.plan(cfg, devices)
   except ValueError as error:
     raise PlanError(str(error)) from error
   global_batch, seq_len = cfg.data.global_batch_size, cfg.data.seq_len
@@ -247,7 +317,7 @@ def plan(cfg) -> dict:
     'flops_per_token': flops_per_token,
     'flops_per_step': flops_per_token * tokens_per_step,
     'mesh': dict(mesh.shape),
-    'fsdp': bool(fsdp),
+    'fsdp': sharding.fsdp_mode(fsdp),  # none | optimizer | full
     'attention': {
       'backend': run.attention.name,
       'reason': run.attention.reason,
@@ -270,6 +340,8 @@ def plan(cfg) -> dict:
     'compile_seconds': compile_seconds,
     'memory_per_device': memory,  # XLA's figures for the compiled step, per device
     'cost_analysis_flops_per_device': _cost_flops(compiled),
+    # Bytes each device sends per step, per collective kind and mesh axes (parallel/collectives.py).
+    'collectives': collectives.summarize(compiled.as_text(), dict(mesh.shape)),
   }
 
 
@@ -301,7 +373,8 @@ def format_report(spec: str, result: dict) -> str:
     f'tokens per step: {result["tokens_per_step"]:,} ({result["global_batch_size"]} x '
     f'{result["seq_len"]}, {result["grad_accum_steps"]} micro-batch(es)); '
     f'{_flops(result["flops_per_step"])} per step, {_flops(model_flops_per_device)} per device',
-    f'mesh {mesh}{" (fsdp)" if result["fsdp"] else ""} on {result["num_devices"]} '
+    f'mesh {mesh}{"" if result["fsdp"] == "none" else " (fsdp " + result["fsdp"] + ")"} on '
+    f'{result["num_devices"]} '
     f'{result["platform"]} devices',
     _attention_line(result['attention']),
     *_dtype_lines(result),
@@ -339,12 +412,41 @@ def format_report(spec: str, result: dict) -> str:
       'the model figure above is the one to use)'
     ),
   ]
+  if result.get('collectives'):
+    lines += _collective_lines(result['collectives'])
   if result['platform'] == 'cpu':
     lines.append(
       'note: compiled for CPU; the memory figures follow CPU fusion and layout '
       'choices and approximate, not measure, what a GPU would use.'
     )
   return '\n'.join(lines)
+
+
+def _collective_lines(summary: dict) -> list[str]:
+  """The compiled program's collectives, as compiled, and as XLA:GPU would send them."""
+  lines = [
+    'collectives per device per step, from the compiled program (bytes sent: module docstring of '
+    'k2jax/parallel/collectives.py):',
+    f'  {"kind":<19} {"axes":<20} {"n":>4} {"ops":>4} {"runs":>6} {"compiled":>12} '
+    f'{"of it AR+slice":>14} {"of it f32<-bf16":>15} {"GPU":>12}',
+  ]
+  for row in summary['rows']:
+    lines.append(
+      f'  {row["kind"]:<19} {"+".join(row["axes"]) or "-":<20} {row["group_size"]:>4} '
+      f'{row["ops"]:>4} {row["runs"]:>6} {_size(row["bytes"])} {_size(row["sliced_bytes"]):>14} '
+      f'{_size(row["promoted_bytes"]):>15} {_size(row["gpu_bytes"])}'
+    )
+  lines += [
+    f'  total {_size(summary["total_bytes"])} as compiled, {_size(summary["total_gpu_bytes"])} as '
+    'XLA:GPU would send it',
+    '  XLA:CPU compiles a partial->sharded reduction as all-reduce + dynamic-slice (AR+slice: a '
+    'reduce-scatter on GPU, half the bytes) and runs bf16 collectives in f32 (f32<-bf16: half on '
+    'GPU); the GPU column applies both.',
+  ]
+  for loop in summary['unknown_trip_loops']:
+    if loop['holds_collectives']:
+      lines.append(f'  warning: loop {loop["name"]} has no known trip count; counted once')
+  return lines
 
 
 def main(argv=None) -> dict:
@@ -366,11 +468,33 @@ def main(argv=None) -> dict:
     if values.mesh:
       for axis, size in run_config.parse_mesh(values.mesh).items():
         cfg.mesh[axis] = size
-    if values.devices is not None:
-      simulate_devices(values.devices)
-    result = plan(cfg)
+    planning = (
+      values.stages
+      or values.dry_run
+      or values.gpus
+      or (values.devices is None and not values.mesh and planner.stage_of(spec))
+    )
+    if planning:
+      hw, results = _plan_stages(values, cfg, spec)
+    else:
+      if values.devices is not None:
+        simulate_devices(values.devices)
+      result = plan(cfg)
   except ValueError as error:  # --mesh, --devices, PlanError: say which, no traceback
     errors.fail(str(error))
+  if planning:
+    result = {stage: r for stage, r in results}
+    if values.output == 'json':
+      print(json.dumps({'config': spec, 'plans': result}, default=float))
+    else:
+      for stage, r in results:
+        if 'compiled' in r:  # the step as compiled on the reduced mesh, then the plan at scale
+          name = spec if len(results) == 1 else stage
+          print(format_report(f'{name}, on the reduced mesh', r['compiled']), '\n')
+        print(planner.format_plan(stage, r, hw), '\n')
+      if values.stages:
+        print(planner.format_stage_table(results, hw))
+    return result
   if values.output == 'json':
     print(json.dumps({'config': spec, **result}))
   else:
