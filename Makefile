@@ -8,7 +8,7 @@ PIP_INSTALL := $(BIN)/pip install --quiet -c constraints.txt
 # Tests and the demo run on CPU with 8 simulated devices: the mesh code paths are real.
 SIMULATED := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 
-.PHONY: demo test test-fast lint format install install-dev clean
+.PHONY: demo rehearsal test test-fast lint format install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ install-dev: $(VENV)/.dev
 
 demo: $(VENV)/.core
 	$(SIMULATED) $(BIN)/python -m k2jax.train --config=configs/pretrain.py:debug --workdir=runs/demo
+
+# The demo as a 2-host job on this machine: two processes of 4 simulated devices each, started
+# through launch/ as a scheduler would (docs/multihost.md).
+rehearsal: $(VENV)/.core
+	$(BIN)/python -m launch.local --processes=2 --cpu_devices=4 -- \
+		--config=configs/pretrain.py:debug --workdir=runs/rehearsal
 
 # Test files run on TEST_WORKERS processes (pytest-xdist), a file per worker at a time, so a
 # file's module fixtures are built once; the suite shares a compilation cache and one trained

@@ -1,8 +1,9 @@
 """`python -m k2jax.train --config=configs/<stage>.py[:args] --workdir=DIR [--config.key=value ...]`
 
 One loop for every stage (k2jax/training/loop.py): the config decides model, mesh, data,
-schedule. This module is the command line: flags, multi-host start-up, and user errors as one
-line on stderr with exit status 2. The run itself is k2jax/training/run.py (`prepare`, `run`).
+schedule. This module is the command line: flags, multi-host start-up (k2jax/training/cluster.py),
+the persistent compilation cache (k2jax/training/compile_cache.py), and user errors as one line on
+stderr with exit status 2. The run itself is k2jax/training/run.py (`prepare`, `run`).
 """
 
 from absl import app, flags
@@ -10,6 +11,7 @@ from ml_collections import config_flags
 
 from k2jax import errors, run_config
 from k2jax.observe import logs
+from k2jax.training import compile_cache
 from k2jax.training.run import prepare, run, start_distributed
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Stage config file[:args].')
@@ -25,8 +27,9 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process: 0..num_pro
 _DISTRIBUTED = flags.DEFINE_bool(
   'distributed',
   False,
-  "Initialize jax.distributed from the cluster's environment "
-  '(SLURM, Open MPI, Kubernetes), as on every host of a multi-host job.',
+  "Initialize jax.distributed from the cluster's environment (K2JAX_COORDINATOR / "
+  'K2JAX_NUM_PROCESSES / K2JAX_PROCESS_ID, SLURM, a Kubernetes Indexed Job, Open MPI), as on '
+  'every host of a multi-host job (launch/, docs/multihost.md).',
 )
 
 
@@ -38,11 +41,18 @@ def main(argv):
   with errors.one_line_errors():
     # Orbax's INFO lines would bury the progress lines; absl's --verbosity brings them back.
     logs.quiet_libraries(explicit=flags.FLAGS['verbosity'].present)
-    start_distributed(
+    layout = start_distributed(
       _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value
     )
+    if layout:
+      print(f'k2jax: jax.distributed: {layout}', flush=True)  # every host: in its own log
+    # Before the first compilation: a restart reads the compiled train step back.
+    cache_dir = compile_cache.enable(_CONFIG.value.get('compile_cache_dir', 'auto'), _WORKDIR.value)
     prepared = prepare(_CONFIG.value, _WORKDIR.value)
-  run(prepared)
+  try:
+    run(prepared)
+  finally:
+    print(f'k2jax: {compile_cache.stats().describe(cache_dir)}', flush=True)
 
 
 def parse_flags(argv):
