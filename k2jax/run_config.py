@@ -181,13 +181,35 @@ def validate(cfg) -> None:
     value = _get(cfg, key) if has_key(cfg, key) else None
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
       raise ValueError(f'{key} must be an integer >= {minimum}, got {value!r}')
+  if has_key(cfg, 'checkpoint.restore_data') and not isinstance(cfg.checkpoint.restore_data, bool):
+    raise ValueError(
+      f'checkpoint.restore_data must be True or False, got {cfg.checkpoint.restore_data!r}'
+    )
   for axis in ('data', 'tensor', 'sequence'):
     value = cfg.mesh[axis]
     if not isinstance(value, int) or (value <= 0 and value != -1):
       raise ValueError(f'mesh.{axis} must be a positive integer or -1 (fill), got {value!r}')
+  _validate_fsdp(cfg.mesh)
+  if has_key(cfg, 'compile_cache_dir'):
+    from k2jax.training import compile_cache
+
+    compile_cache.check_setting(cfg.compile_cache_dir)
   _validate_stability_and_monitor(cfg)
+  if has_key(cfg, 'data.stream'):
+    from data_pipeline import streaming
+
+    streaming.check_settings(cfg.data)
   model_config.from_config(cfg.model)
   optim.make_schedule(cfg.optim, cfg.total_steps)
+
+
+def _validate_fsdp(mesh_cfg) -> None:
+  """mesh.fsdp is a mode (or an old boolean); mesh.fsdp_group divides a fixed data axis."""
+  from k2jax.parallel import mesh
+
+  mesh.fsdp_mode(mesh_cfg.get('fsdp', False))
+  data = mesh_cfg.data
+  mesh.fsdp_group(mesh_cfg, data if data > 0 else None)  # -1: checked once devices are known
 
 
 def _validate_stability_and_monitor(cfg) -> None:

@@ -239,3 +239,87 @@ def hf_llama(cfg, seed: int = 0, **config):
   )
   torch.manual_seed(seed)
   return transformers.LlamaForCausalLM(hf_config).eval()
+
+
+# --- launch/ (test_launch, test_docs_commands) ---------------------------------------------
+
+FAKE_SRUN = r"""#!/bin/bash
+# srun on one machine: every task of the step runs here, with SLURM's step variables.
+out=/dev/stdout
+while [[ "$1" == --* ]]; do
+  case "$1" in --output=*) out="${1#--output=}" ;; esac
+  shift
+done
+pids=()
+for ((t = 0; t < SLURM_JOB_NUM_NODES; t++)); do
+  K2JAX_DRY_RUN="${FAKE_TASKS_DRY_RUN:-${K2JAX_DRY_RUN:-0}}" \
+    SLURM_STEP_NODELIST="$SLURM_JOB_NODELIST" SLURM_NTASKS="$SLURM_JOB_NUM_NODES" \
+    SLURM_PROCID=$t SLURM_LOCALID=0 SLURM_STEP_TASKS_PER_NODE="1(x$SLURM_JOB_NUM_NODES)" \
+    "$@" >"${out//%t/$t}" 2>&1 &
+  pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit $status
+"""
+
+
+def fake_slurm(tmp_path, args, nodes=2, **extra):
+  """Runs `launch/slurm.sbatch ARGS` as SLURM would (bash, the job's variables, job 4242 on
+  `nodes` nodes gpu001...) with srun and scontrol replaced: srun runs every task here, in
+  dry-run mode (layout and command printed, nothing trained). Returns (result, scontrol calls)."""
+  import stat
+
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir(exist_ok=True)
+  calls = tmp_path / 'scontrol.calls'
+  for name, text in (
+    ('srun', FAKE_SRUN),
+    ('scontrol', f'#!/bin/bash\necho "$@" >> {calls}\n'),
+  ):
+    path = bin_dir / name
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+  env = cli_env(
+    PATH=f'{bin_dir}:{os.environ["PATH"]}',
+    SLURM_JOB_ID='4242',
+    SLURM_JOB_NUM_NODES=str(nodes),
+    SLURM_JOB_NODELIST=f'gpu[001-{nodes:03d}]',
+    SLURM_SUBMIT_DIR=REPO,
+    PYTHON=sys.executable,
+    FAKE_TASKS_DRY_RUN='1',  # the tasks print their layout and command instead of training
+    **extra,
+  )
+  result = subprocess.run(
+    ['bash', 'launch/slurm.sbatch', *map(str, args)],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  return result, (calls.read_text().splitlines() if calls.exists() else [])
+
+
+def start_processes(argv_for, count: int = 2, devices: int = 4) -> list[subprocess.Popen]:
+  """Starts `count` processes `argv_for(i)` from the repo root on `devices` simulated CPU
+  devices each, their stdout and stderr merged into one text pipe."""
+  env = cli_env(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  return [
+    subprocess.Popen(
+      argv_for(i), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    for i in range(count)
+  ]
+
+
+def join_local_cluster(port: str, process_id: str, num_processes: str) -> None:
+  """For a worker process: jax.distributed on localhost with gloo collectives between CPUs."""
+  import jax
+
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(
+    coordinator_address=f'127.0.0.1:{port}',
+    num_processes=int(num_processes),
+    process_id=int(process_id),
+  )

@@ -107,6 +107,21 @@ def on_mesh(cfg, accum_steps):
     return compiled(params, batch), compiled
 
 
+def test_chunked_loss_reduces_the_head_gradient_once():
+  """Each batch / length shard sums its chunks' head gradients locally: the step's collective
+  bytes do not grow with the number of chunks (one reduction of d head, not one per chunk)."""
+  from k2jax.parallel import collectives
+
+  def sent(chunk):
+    _, compiled = on_mesh(dataclasses.replace(TINY, loss_chunk=chunk), 1)
+    mesh_shape = dict(data=2, tensor=2, sequence=2)
+    return collectives.summarize(compiled.as_text(), mesh_shape)['total_bytes']
+
+  one, four = sent(LENGTH), sent(4)
+  head_bytes = TINY.hidden_size * TINY.vocab_size * 4
+  assert four - one < head_bytes / 4, (one, four, head_bytes)
+
+
 def test_chunked_loss_sharded_over_vocab_length_and_fsdp():
   """Tensor parallelism splits the vocab, the length is split over sequence x tensor, and
   FSDP shards the head: the chunked loss still equals the single-device whole-logits one."""

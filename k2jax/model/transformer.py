@@ -278,7 +278,7 @@ def _cross_entropy_chunks(hidden_BxLxE, head_ExV, targets_BxL, mask_BxL, chunk, 
   head_dtype, head_ExV = head_ExV.dtype, head_ExV.astype(dtype)
 
   def step(carry, xs):
-    loss, dh_BxCxNxE, dhead_ExV = carry
+    loss, dh_BxCxNxE, dhead_XxYxExV = carry
     j, t_BxC, m_BxC = xs
     h_BxCxE = constrain(lax.dynamic_index_in_dim(h_BxCxNxE, j, 2, keepdims=False), HIDDEN)
     logits_BxCxV = constrain(
@@ -295,30 +295,43 @@ def _cross_entropy_chunks(hidden_BxLxE, head_ExV, targets_BxL, mask_BxL, chunk, 
     d_BxCxV = constrain(d_BxCxV.astype(dtype), LOGITS)
     dh_BxCxE = jnp.einsum('bcv,ev->bce', d_BxCxV, head_ExV, preferred_element_type=jnp.float32)
     dh_BxCxNxE = lax.dynamic_update_index_in_dim(dh_BxCxNxE, dh_BxCxE.astype(dtype), j, 2)
-    if sharding.splits_length():
-      dhead_chunk_ExV = jnp.einsum(
-        'bce,bcv->ev', h_BxCxE, d_BxCxV, preferred_element_type=jnp.float32
-      )
-    else:  # one 2-D product over the merged tokens (see layers.dense)
-      dhead_chunk_ExV = jnp.einsum(
-        'ne,nv->ev',
-        h_BxCxE.reshape(-1, E),
-        d_BxCxV.reshape(-1, V),
-        preferred_element_type=jnp.float32,
-      )
-    # Laid out as the head parameter: each chunk's sum is reduced straight into its shard.
-    dhead_ExV = constrain(dhead_ExV + dhead_chunk_ExV, HEAD)
-    return (loss, dh_BxCxNxE, dhead_ExV), None
+    # Each (batch shard, length shard) adds its tokens' products to its own slot; a sum into
+    # one [E, V] would reduce the head's gradient across those shards once per chunk.
+    h_XxYxTxE, d_XxYxTxV = (_slots(x, X, Y) for x in (h_BxCxE, d_BxCxV))
+    dhead_XxYxExV = constrain(
+      dhead_XxYxExV
+      + jnp.einsum('xyte,xytv->xyev', h_XxYxTxE, d_XxYxTxV, preferred_element_type=jnp.float32),
+      SLOTS,
+    )
+    return (loss, dh_BxCxNxE, dhead_XxYxExV), None
 
+  # Slots: one per batch shard (X) and length shard (Y) where they divide the chunk evenly.
+  X, Y = sharding.current_split(HIDDEN[0]), sharding.current_split(HIDDEN[1])
+  if B % X or C % Y:
+    X, Y = 1, 1
   init = (jnp.zeros((), jnp.float32), None, None)
   if grads:
     dh_BxCxNxE = constrain(jnp.zeros_like(h_BxCxNxE), chunks_axes)
-    init = (init[0], dh_BxCxNxE, constrain(jnp.zeros((E, V), jnp.float32), HEAD))
+    init = (init[0], dh_BxCxNxE, constrain(jnp.zeros((X, Y, E, V), jnp.float32), SLOTS))
   if n == 1:
-    (loss, dh_BxCxNxE, dhead_ExV), _ = step(init, (0, t_NxBxC[0], m_NxBxC[0]))
+    (loss, dh_BxCxNxE, dhead_XxYxExV), _ = step(init, (0, t_NxBxC[0], m_NxBxC[0]))
   else:
-    (loss, dh_BxCxNxE, dhead_ExV), _ = lax.scan(step, init, (jnp.arange(n), t_NxBxC, m_NxBxC))
+    (loss, dh_BxCxNxE, dhead_XxYxExV), _ = lax.scan(step, init, (jnp.arange(n), t_NxBxC, m_NxBxC))
   if not grads:
     return loss, None, None
   dhidden_BxLxE = dh_BxCxNxE.reshape(B, n * C, E)[:, :L]
+  dhead_ExV = constrain(jnp.sum(dhead_XxYxExV, axis=(0, 1)), HEAD)  # the one reduction
   return loss, dhidden_BxLxE, dhead_ExV.astype(head_dtype)
+
+
+# The head gradient's per-shard partial sums: [batch shards, length shards, E, V].
+SLOTS = ('activation_batch', 'activation_length', 'activation_embed', 'activation_vocab')
+
+
+def _slots(x_BxCxD, X: int, Y: int):
+  """[B, C, D] -> [X, Y, B/X * C/Y, D]: the rows and positions of each batch and length shard
+  as one token dim, so that a product summed over tokens keeps one partial per shard (each
+  shard's block stays on its device: no communication)."""
+  B, C, D = x_BxCxD.shape
+  x = x_BxCxD.reshape(X, B // X, Y, C // Y, D).transpose(0, 2, 1, 3, 4)
+  return x.reshape(X, Y, (B // X) * (C // Y), D)

@@ -3,8 +3,10 @@ then the loop), `train` (both), and `start_distributed` (multi-host start-up).
 
 `python -m k2jax.train` (k2jax/train.py) is the command line over these. Everything that can
 fail on bad input happens in `prepare`, before anything is compiled: the config, the data it
-names, the mesh, and, when the workdir already has checkpoints, whether this run can resume
-them (the same process count, the same model shape, the same learning-rate schedule).
+names, the mesh, which rows of the batch this process loads (k2jax/parallel/input.py), and,
+when the workdir already has checkpoints, whether this run can resume them (the same model
+shape, the same learning-rate schedule, and for the data position the same processes loading
+the same rows, unless `checkpoint.restore_data=False`).
 """
 
 import json
@@ -26,16 +28,18 @@ def train(cfg, workdir: str, stop_after: int | None = None) -> list[dict]:
 def prepare(cfg, workdir: str) -> dict:
   """Everything that can fail on bad input, checked before anything is compiled."""
   # Heavy imports here so that `--help` and config errors are instant.
-  import jax
-
   from data_pipeline import pipeline
+  from k2jax.parallel import input as batch_input
   from k2jax.parallel import sharding
   from k2jax.training import checkpoint, train_step
+  from k2jax.training.loop import TrainBatches
 
   run_config.validate(cfg)
   check_training_data(cfg)
-  resume_notes = check_resume(cfg, workdir)
   plan = train_step.plan(cfg)
+  # The rows this process loads: processes that hold the same rows load the same ones.
+  shard = batch_input.shard_for(plan.batch_sharding, cfg.data.global_batch_size, cfg.data.seq_len)
+  resume_notes = check_resume(cfg, workdir, shard)
   tokenizer = pipeline.tokenizer_for(cfg.data)
   if tokenizer.vocab_size > plan.model_cfg.vocab_size:
     raise ValueError(
@@ -54,12 +58,13 @@ def prepare(cfg, workdir: str) -> dict:
         f'init_from_optimizer: {init_from} has no opt_state/ (a converted HF '
         'checkpoint carries parameters only)'
       )
+  # pipeline.build's process_index / process_count are the input shard's index and count.
   process = dict(
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
+    process_index=shard.index,
+    process_count=shard.count,
     context_shards=sharding.length_shards(plan.mesh),  # rows in zigzag order when > 1
   )
-  train_batches = pipeline.build(cfg.data, seed=cfg.seed, split='train', **process)
+  train_batches = TrainBatches(cfg, shard, process['context_shards'])
   if cfg.eval_every:
     pipeline.build(cfg.data, seed=cfg.seed, split='eval', **process)  # fail now, not at eval
   os.makedirs(workdir, exist_ok=True)
@@ -68,6 +73,7 @@ def prepare(cfg, workdir: str) -> dict:
     workdir=workdir,
     plan=plan,
     train_batches=train_batches,
+    shard=shard,
     process=process,
     init_from=init_from,
     notes=resume_notes,
@@ -89,30 +95,33 @@ def check_training_data(cfg) -> None:
     raise ValueError(f'this stage names {" and ".join(missing)}')
 
 
-def check_resume(cfg, workdir: str) -> list[str]:
+def check_resume(cfg, workdir: str, shard=None) -> list[str]:
   """When `workdir` has checkpoints: raises a ValueError naming what differs between them and
-  `cfg` (process count, model shape, learning-rate schedule) before any step is tried, so an
-  intact checkpoint is never taken for a damaged one. Returns notes for the log (a schedule
-  change accepted by `resume_schedule_change`)."""
-  import jax
-
+  `cfg` (model shape, learning-rate schedule, and, unless `checkpoint.restore_data=False`, the
+  process count or input shard of the data position) before any step is tried, so an intact
+  checkpoint is never taken for a damaged one. `shard` is this process's InputShard. Returns
+  notes for the log (a schedule change accepted by `resume_schedule_change`, a data position
+  left behind)."""
   from k2jax.training import checkpoint
 
   ckpt_dir = checkpoint.directory(workdir)
   steps = checkpoint.committed_steps(ckpt_dir)
   if not steps:
     return []
-  step, saved_count = checkpoint.saved_process_count(ckpt_dir, steps)
-  if saved_count is not None and saved_count != jax.process_count():
-    raise ValueError(
-      f'{ckpt_dir}: step {step} was saved with {saved_count} process(es), now '
-      f'{jax.process_count()}: restart with {saved_count} process(es) to resume it '
-      '(the data position is per process; continuing on another process count is not '
-      'supported yet). The checkpoints are intact and were left as they are'
+  notes = []
+  if cfg.checkpoint.get('restore_data', True):
+    change = checkpoint.data_layout_change(ckpt_dir, steps, shard)
+    if not checkpoint.all_hosts_agree(change is None):  # refused on every host, or on none
+      change = change or f'step {steps[-1]} has another data layout on another process'
+      raise ValueError(f'{ckpt_dir}: {change}{checkpoint.restore_data_hint(steps[-1])}')
+  else:
+    notes.append(
+      'checkpoint.restore_data=False: the data position is not restored; the run goes on from '
+      'the restored step with a fresh data order (a function of the seed and that step)'
     )
   step, saved = checkpoint.saved_run_config(ckpt_dir, steps)
   if saved is None:  # no readable config: the restore itself will tell
-    return []
+    return notes
   where = f'{ckpt_dir} (step {step})'
   changed = _shape_changes(saved, cfg)
   if changed:
@@ -123,7 +132,7 @@ def check_resume(cfg, workdir: str) -> list[str]:
     )
   changed = _schedule_changes(saved, cfg)
   if not changed:
-    return []
+    return notes
   rates = _rates_at(saved, cfg, step)
   if not cfg.get('resume_schedule_change', False):
     raise ValueError(
@@ -131,7 +140,7 @@ def check_resume(cfg, workdir: str) -> list[str]:
       f'(checkpoint -> config){rates}. Set --config.resume_schedule_change=True if '
       'that is intended, or give the saved values'
     )
-  return [
+  return notes + [
     f'learning-rate schedule changed on resume (resume_schedule_change=True): '
     f'{", ".join(changed)}{rates}'
   ]
@@ -213,16 +222,14 @@ def run(prepared: dict, stop_after: int | None = None) -> list[dict]:
     settings=cfg.monitor,
     config=cfg.to_dict(),
   )
-  monitor.info(
-    f'k2jax: {sharding.devices_summary()}; mesh {sharding.describe(mesh)}'
-    f'{" (fsdp)" if cfg.mesh.fsdp else ""}'
-  )
+  monitor.info(f'k2jax: {sharding.devices_summary()}; mesh {sharding.describe(mesh, cfg.mesh)}')
   monitor.info(
     f'model {cfg.model.preset}: {model_cfg.param_count() / 1e6:,.1f}M parameters, '
     f'{model_cfg.num_layers} layers, remat {model_cfg.remat}, '
     f'compute {model_cfg.dtype}'
   )
   monitor.info(f'attention {plan.attention.name}: {plan.attention.reason}')
+  monitor.info(prepared['shard'].describe())
   batches = prepared['train_batches']
   if len(batches.names) > 1:
     asked = ', '.join(f'{n} {s:.1%}' for n, s in zip(batches.names, batches.requested_shares))
@@ -259,10 +266,18 @@ def restore_or_init(prepared: dict, checkpoints, monitor):
   from k2jax.training import checkpoint, train_step
 
   cfg, plan = prepared['cfg'], prepared['plan']
-  state = checkpoints.restore_latest(plan, prepared['train_batches'], monitor.info)
+  batches = prepared['train_batches']
+  state = checkpoints.restore_latest(plan, batches, monitor.info)
   if state is not None:
     step = int(state.step)
     monitor.info(f'resumed from {checkpoints.directory}/{step}')
+    if not checkpoints.data_restored:
+      monitor.info(
+        f'data: position not restored; a fresh data order from step {step} '
+        f'(data_order_since={step} in the records)'
+      )
+    elif getattr(batches, 'order_since', 0):
+      monitor.info(f'data: position restored, in the order started at step {batches.order_since}')
   elif prepared['init_from']:
     params = checkpoint.load_params(prepared['init_from'], plan)
     fresh = jax.jit(
@@ -291,23 +306,42 @@ def restore_or_init(prepared: dict, checkpoints, monitor):
 
 def start_distributed(
   coordinator: str | None, num_processes: int | None, process_id: int | None, auto: bool
-) -> None:
+) -> str | None:
   """Joins a multi-process run before any JAX computation; a no-op for a single process.
 
-  Raises ValueError when only some of coordinator / num_processes / process_id are given.
+  The layout comes from the flags, or with `auto` from the environment (k2jax/training/cluster.py:
+  K2JAX_* variables, SLURM, a Kubernetes Indexed Job; anything else JAX recognises by itself,
+  e.g. Open MPI). JAX's own cluster detection is bypassed whenever the layout is known, because
+  under SLURM it would give a process that drives a whole node one GPU. Returns a line for the
+  log saying who this process is, or None for a single process.
+
+  Raises ValueError when only some of coordinator / num_processes / process_id are given, or
+  when the environment describes a layout that cannot be right.
   """
+  from k2jax.training import cluster
+
   given = [v is not None for v in (coordinator, num_processes, process_id)]
   if any(given) and not all(given):
     raise ValueError('--coordinator_address, --num_processes and --process_id go together')
-  if not (all(given) or auto):
-    return
+  if all(given):
+    layout = cluster.make(coordinator, num_processes, process_id, None, 'flags', os.environ)
+  elif auto:
+    layout = cluster.detect(os.environ)
+  else:
+    return None
   import jax
 
   if os.environ.get('JAX_PLATFORMS', '') == 'cpu':
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU: tests, rehearsals
-  if all(given):
-    jax.distributed.initialize(
-      coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
-    )
-  else:
+  if layout is None:
     jax.distributed.initialize()  # the cluster's environment says who is who
+    return f'process {jax.process_index()} of {jax.process_count()} (detected by JAX)'
+  jax.distributed.initialize(
+    coordinator_address=layout.coordinator,
+    num_processes=layout.num_processes,
+    process_id=layout.process_id,
+    local_device_ids=None if layout.local_device_ids is None else list(layout.local_device_ids),
+    cluster_detection_method='deactivate',
+    initialization_timeout=layout.init_timeout,
+  )
+  return layout.describe()
