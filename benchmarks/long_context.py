@@ -86,7 +86,7 @@ def debug_row(length: int, degree: int, time_it: bool) -> dict:
   return dict(length=length, degree=degree, mib=total / 2**20, seconds=seconds)
 
 
-def planner_row(stage: str, degree: int, data: int) -> dict:
+def planner_row(stage: str, degree: int, data: int, fsdp: str | None = None) -> dict:
   command = [
     sys.executable,
     '-m',
@@ -96,6 +96,7 @@ def planner_row(stage: str, degree: int, data: int) -> dict:
     f'--mesh=data:{data},tensor:8,sequence:{degree}',
     f'--config.data.global_batch_size={data}',  # one row per data shard, as K2-V2's
     '--output=json',
+    *([f'--config.mesh.fsdp={fsdp}'] if fsdp else []),  # else the stage config's mode
   ]
   env = dict(os.environ)
   env['XLA_FLAGS'] = re.sub(r'--xla_force_host_platform_device_count=\S+', '', env['XLA_FLAGS'])
@@ -129,18 +130,26 @@ def main():
   print()
   print('70B planner rows (k2jax.estimate; blockwise for the flash kernel, float16 for bfloat16)')
   print(
-    f'{"stage":>7} {"tokens":>8} {"mesh":>24} {"state GiB":>10} {"temp GiB":>9} '
+    f'{"stage":>7} {"tokens":>8} {"mesh":>24} {"fsdp":>10} {"state GiB":>10} {"temp GiB":>9} '
     f'{"total GiB":>10} {"fits H200":>10} {"compile s":>10}'
   )
-  # Data 1 is the issue's mesh; with data 4, FSDP also shards the weights and optimizer state
-  # over data, as K2-V2's distributed optimizer did over its 100 (stage 3) data-parallel ranks.
-  for stage, degree, data in (('stage3', 2, 1), ('stage3', 2, 4), ('stage4', 8, 1)):
-    r = planner_row(stage, degree, data)
+  # One data shard's devices (K2-V2's per-device shapes), in the stage config's mode (ZeRO-1
+  # over its group of data shards) and in `full`, which on data 1 still shards the weights and
+  # the optimizer state over the 16 / 64 devices of the row.
+  rows = (
+    ('stage3', 2, 1, 'optimizer'),
+    ('stage3', 2, 1, 'full'),
+    ('stage3', 2, 4, 'optimizer'),
+    ('stage4', 8, 1, 'optimizer'),
+    ('stage4', 8, 1, 'full'),
+  )
+  for stage, degree, data, fsdp in rows:
+    r = planner_row(stage, degree, data, fsdp)
     memory = r['memory_per_device']
     total = memory['total'] / 2**30
     fits = 'yes' if total <= TARGET_GIB else ('tight' if total <= H200_GIB else 'NO')
     print(
-      f'{stage:>7} {r["seq_len"]:>8,} {f"data {data} x tensor 8 x seq {degree}":>24} '
+      f'{stage:>7} {r["seq_len"]:>8,} {f"data {data} x tensor 8 x seq {degree}":>24} {fsdp:>10} '
       f'{r["state_bytes_per_device"]["total"] / 2**30:10.1f} {memory["temp"] / 2**30:9.1f} '
       f'{total:10.1f} {fits:>10} {r["compile_seconds"]:10.1f}',
       flush=True,
