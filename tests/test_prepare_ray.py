@@ -73,3 +73,31 @@ def test_bad_engine_arguments_are_one_line(tmp_path, capsys, monkeypatch):
   assert prepare.main([*common, '--engine=ray']) == 2
   assert "error: --engine=ray needs Ray: pip install 'k2jax[ray]'" in capsys.readouterr().err
   assert not os.path.exists(tmp_path / 'o')
+
+
+def test_a_task_that_fails_with_an_io_error_is_retried(tmp_path, monkeypatch):
+  """The first try of every shard raises OSError (as a flaky shared filesystem would); with
+  one retry the run still writes the local engine's bytes."""
+  require_oracle('ray')
+  inputs = write_parts(tmp_path / 'inputs', parts=2, docs=40)
+  request = prepare.Request(
+    inputs=tuple(sources.match_files(inputs)), tokenizer=os.path.abspath(DEMO_TOKENIZER)
+  )
+  prepare.prepare(request, str(tmp_path / 'local'), workers=1, progress=False)
+  tries = tmp_path / 'tries'  # one file per failed first try, shared with the Ray workers
+  tries.mkdir()
+  real = prepare.prepare_shard
+
+  def flaky(request, output, index):
+    marker = os.path.join(tries, f'{index}')
+    if not os.path.exists(marker):
+      open(marker, 'w').close()
+      raise OSError(f'injected: first try of shard {index}')
+    return real(request, output, index)
+
+  monkeypatch.setenv('RAY_USAGE_STATS_ENABLED', '0')
+  monkeypatch.setattr(prepare, 'prepare_shard', flaky)
+  out = tmp_path / 'ray'
+  prepare.prepare(request, str(out), workers=2, progress=False, engine='ray', retries=1)
+  assert sorted(os.listdir(tries)) == ['0', '1']  # every shard failed once
+  assert tree_bytes(out) == tree_bytes(tmp_path / 'local')
