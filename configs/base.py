@@ -37,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint.every_minutes = 0.0  # also save when this many minutes passed (0: off)
   # False: resume without the data position (e.g. on another process count), with a fresh data
   # order from the restored step (a function of seed and step); True refuses such a restart.
-  c.checkpoint.restore_data = True
+  c.checkpoint.restore_data = True  # restore the data position (refuse when it cannot)
 
   c.stability = ml_collections.ConfigDict()
   c.stability.spike_window = 100  # good steps whose loss mean / std define "normal"
@@ -59,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.sequence = 1  # sequence / context-parallel degree
   # What the data axes (data, and sequence) shard: none | optimizer (ZeRO-1: gradients and
   # Adam's state; parameters replicated) | full (ZeRO-3: parameters too); docs/parallelism.md.
-  c.mesh.fsdp = 'none'
+  c.mesh.fsdp = 'none'  # none | optimizer | full
   c.mesh.fsdp_group = 0  # shard over groups of this many data shards, replicated across (0: all)
 
   c.model = ml_collections.ConfigDict()
@@ -100,7 +100,7 @@ def get_config() -> ml_collections.ConfigDict:
   # memory bounded by buffers, for corpora larger than a host (TxT360). Off by default: the
   # in-memory reader's global shuffle and exact epochs suit the SFT sets and the demo, and
   # every existing config and data position keeps its meaning (docs/data.md, section 8).
-  c.data.stream = False
+  c.data.stream = False  # True: stream raw training files (bounded memory)
   c.data.shuffle_buffer = 8192  # stream: records per source shuffled together (a window)
   c.data.stream_open_files = 4  # stream: files per source read interleaved at once
 
