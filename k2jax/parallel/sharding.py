@@ -212,11 +212,7 @@ def splits_length() -> bool:
   If not (no mesh, or the batch over `data` only), [B, L] activations merge into one token
   dim [B*L] without communication: it splits where B does.
   """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return False
-  rules = dict(nn.get_logical_axis_rules())
-  return any(split_count(mesh, rules, name) > 1 for name in LENGTH_AXES)
+  return any(current_split(name) > 1 for name in LENGTH_AXES)
 
 
 def length_shards(mesh: Mesh) -> int:
