@@ -229,12 +229,49 @@ def _attention_line(attention: dict) -> str:
   return line
 
 
-def plan(cfg, devices=None) -> dict:
-  """Everything the report prints, as a JSON-ready dict. Raises PlanError, before compiling,
-  for a config or mesh that cannot work."""
+def abstract_args(run, cfg):
+  """(state, batch) of `run`'s (the train_step.Plan of `cfg`) train step as abstract arrays:
+  shapes, dtypes and shardings, no buffers. The batch is the full global batch, as the data
+  pipeline hands it to the step (micro-batches are split inside)."""
   import jax
   import numpy as np
 
+  from k2jax.training import train_step
+
+  state_args = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+    run.abstract_state,
+    run.state_sharding,
+  )
+  batch_args = {
+    key: jax.ShapeDtypeStruct(
+      (cfg.data.global_batch_size, cfg.data.seq_len),
+      np.float32 if key == 'loss_mask' else np.int32,
+      sharding=run.batch_sharding,
+    )
+    for key in train_step.BATCH_KEYS
+  }
+  return state_args, batch_args
+
+
+def compile_train_step(run, cfg):
+  """`run`'s train step compiled ahead of time from `abstract_args`; returns (compiled,
+  seconds to lower, seconds to compile)."""
+  from k2jax.parallel import sharding
+
+  with sharding.activate(run.mesh, cfg.mesh.fsdp):
+    step_fn = run.jit_train_step()
+    start = time.perf_counter()
+    lowered = step_fn.trace(*abstract_args(run, cfg)).lower()
+    lower_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    compiled = lowered.compile()
+  return compiled, lower_seconds, time.perf_counter() - start
+
+
+def plan(cfg, devices=None) -> dict:
+  """Everything the report prints, as a JSON-ready dict. Raises PlanError, before compiling,
+  for a config or mesh that cannot work."""
   from k2jax.parallel import sharding
   from k2jax.training import train_step
 
@@ -257,28 +294,8 @@ def plan(cfg, devices=None) -> dict:
   tokens_per_step = global_batch * seq_len
   flops_per_token = model_cfg.flops_per_token(seq_len)
 
-  # Abstract arguments: shapes, dtypes and shardings, no buffers. The batch is the full
-  # global batch, as the data pipeline hands it to the step (micro-batches are split inside).
-  state_args = jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sharding
-  )
-  batch_args = {
-    key: jax.ShapeDtypeStruct(
-      (global_batch, seq_len),
-      np.float32 if key == 'loss_mask' else np.int32,
-      sharding=batch_sharding,
-    )
-    for key in train_step.BATCH_KEYS
-  }
-
-  with sharding.activate(mesh, fsdp):
-    step_fn = run.jit_train_step()
-    start = time.perf_counter()
-    lowered = step_fn.trace(state_args, batch_args).lower()
-    lower_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    compiled = lowered.compile()
-    compile_seconds = time.perf_counter() - start
+  compiled, lower_seconds, compile_seconds = compile_train_step(run, cfg)
+  batch_args = abstract_args(run, cfg)[1]
 
   stats = compiled.memory_analysis()
   memory = None

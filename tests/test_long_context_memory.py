@@ -220,20 +220,5 @@ def test_estimate_compiles_bfloat16_as_float16_on_cpu():
   assert estimate.plan(debug_stage3('float32'))['compute_dtype_stands_in_for'] is None
   # The premise: compiled as bf16, the same step needs more temporaries on XLA:CPU.
   cfg = debug_stage3('bfloat16')
-  run = train_step.plan(cfg)
-  state = jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-    run.abstract_state,
-    run.state_sharding,
-  )
-  batch = {
-    key: jax.ShapeDtypeStruct(
-      (1, cfg.data.seq_len),
-      np.float32 if key == 'loss_mask' else np.int32,
-      sharding=run.batch_sharding,
-    )
-    for key in train_step.BATCH_KEYS
-  }
-  with sharding.activate(run.mesh, cfg.mesh.fsdp):
-    compiled = run.jit_train_step().trace(state, batch).lower().compile()
+  compiled, _, _ = estimate.compile_train_step(train_step.plan(cfg), cfg)
   assert stood_in['memory_per_device']['temp'] < compiled.memory_analysis().temp_size_in_bytes
